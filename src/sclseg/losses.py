@@ -73,7 +73,8 @@ def consistency_loss(student_probs: Tensor, teacher_probs: Tensor, mask: Optiona
         return per_pixel.mean()
     _check_map("mask", mask, student_probs)
     weight = mask.float()
-    return (per_pixel * weight).sum() / weight.sum().clamp_min(1.0)
+    total = weight.sum()  # a weighted mean for any positive total; 0 for an empty mask
+    return (per_pixel * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 def _gather_pixels(probs: Tensor, positions: Tensor) -> Tensor:
@@ -177,7 +178,8 @@ def structured_consistency_loss(
         local_idx = torch.minimum((u * denom[..., None]).long(), (denom - 1)[..., None])
         picks.append(positions(local_idx))
         n_sampled = 2 * max_pairs
-    pos = torch.cat(picks, dim=1)  # one gather per map: one scatter-add in the backward pass
+    # region-major layout (B, N, P + 2M) to match the view below; one gather per map
+    pos = torch.cat([p.view(batch, last_boxes, -1) for p in picks], dim=2).reshape(batch, -1)
     s_pix = _gather_pixels(student_probs, pos).view(batch, -1, last_boxes, rank.numel() + n_sampled)
     t_pix = _gather_pixels(teacher_probs, pos).view(batch, -1, last_boxes, rank.numel() + n_sampled)
 

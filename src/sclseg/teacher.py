@@ -11,12 +11,14 @@ __all__ = ["MeanTeacher", "unwrap"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel / DataParallel / compiled wrapper."""
+    """The module inside a DistributedDataParallel / DataParallel / ``torch.compile`` wrapper."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
             return model
-        model = inner
 
 
 class MeanTeacher:

@@ -1,0 +1,7 @@
+"""``python -m sclseg`` (and ``torchrun ... -m sclseg train CONFIG``)."""
+
+import sys
+
+from sclseg.cli import main
+
+sys.exit(main())

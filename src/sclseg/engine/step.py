@@ -1,0 +1,142 @@
+"""One training step of the method (design section 1), separate from the loop.
+
+:func:`compute_loss` builds ``L_x + w * (lambda_c * L_c + lambda_sc * L_sc)`` for a labeled
+and an unlabeled batch; :func:`train_step` adds the optimizer, lr schedule and EMA update.
+The methods are ``supervised`` (L_x only), ``cl`` (mean teacher + CutMix + L_c, French et
+al.) and ``scl`` (+ L_sc, the paper).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from sclseg.config import MethodConfig
+from sclseg.cutmix import BoxMaskGenerator, mix
+from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss
+from sclseg.teacher import MeanTeacher
+
+__all__ = ["compute_loss", "train_step", "unlabeled_weight"]
+
+
+def unlabeled_weight(method: MethodConfig, iteration: int) -> float:
+    """Weight of the unlabeled terms at ``iteration``: 0 before ``unlabeled_start``, then a
+    sigmoid ramp-up ``exp(-5 (1 - t)^2)`` over ``rampup_iters`` (Laine & Aila), then 1."""
+    if method.name == "supervised" or iteration < method.unlabeled_start:
+        return 0.0
+    if method.rampup_iters <= 0:
+        return 1.0
+    t = min(1.0, (iteration - method.unlabeled_start) / method.rampup_iters)
+    return math.exp(-5.0 * (1.0 - t) ** 2)
+
+
+def compute_loss(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    unlabeled: Optional[Tensor],
+    *,
+    method: MethodConfig,
+    mask_generator: BoxMaskGenerator,
+    generator: Optional[torch.Generator] = None,
+    weight: float = 1.0,
+    ignore_index: int = 255,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The step's loss and its detached terms.
+
+    Args:
+        images: labeled images ``(B, 3, H, W)``; labels ``(B, H, W)``.
+        unlabeled: ``(U, 3, H', W')`` with ``U >= 2``, or None for supervised steps.
+        weight: the unlabeled weight (ramp-up); 0 skips the unlabeled branch entirely.
+    Returns:
+        ``(loss, {"loss", "loss_x", "loss_c", "loss_sc"})`` (terms present as computed).
+    """
+    semi = method.name != "supervised" and unlabeled is not None and weight > 0.0
+    if not semi:
+        loss_x = relaxed_boundary_loss(student(images), labels, window=method.relax_window, ignore_index=ignore_index)
+        return loss_x, {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
+
+    batch_u, _, height, width = unlabeled.shape
+    owner = mask_generator(batch_u, height, width, generator, device=unlabeled.device)
+    with torch.no_grad():
+        probs_a = teacher(unlabeled).float().softmax(dim=1)  # one pass: u_b's maps are u_a's rolled
+        target = mix(probs_a, probs_a.roll(1, dims=0), owner)
+    mixed = mix(unlabeled, unlabeled.roll(1, dims=0), owner)
+    if images.shape[1:] == mixed.shape[1:]:
+        logits_x, logits_m = student(torch.cat([images, mixed])).split([images.shape[0], batch_u])
+    else:
+        logits_x, logits_m = student(images), student(mixed)
+    probs_s = logits_m.float().softmax(dim=1)
+
+    loss_x = relaxed_boundary_loss(logits_x, labels, window=method.relax_window, ignore_index=ignore_index)
+    loss_c = consistency_loss(probs_s, target)
+    loss = loss_x + weight * method.lambda_c * loss_c
+    terms = {"loss_x": loss_x.detach(), "loss_c": loss_c.detach()}
+    if method.name == "scl":
+        loss_sc = structured_consistency_loss(
+            probs_s,
+            target,
+            owner,
+            n_boxes=method.n_boxes,
+            last_boxes=method.last_boxes,
+            max_pairs=method.max_pairs,
+            generator=generator,
+        )
+        loss = loss + weight * method.lambda_sc * loss_sc
+        terms["loss_sc"] = loss_sc.detach()
+    terms["loss"] = loss.detach()
+    return loss, terms
+
+
+def train_step(
+    student: nn.Module,
+    mean_teacher: MeanTeacher,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: dict,
+    unlabeled_batch: Optional[dict],
+    *,
+    method: MethodConfig,
+    mask_generator: BoxMaskGenerator,
+    generator: Optional[torch.Generator] = None,
+    weight: float = 1.0,
+    ignore_index: int = 255,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+) -> dict[str, Tensor]:
+    """Forward, backward, SGD step, lr schedule step and EMA update; returns detached terms.
+
+    Batches are dicts from :mod:`sclseg.engine.stream`, already on the model's device.
+    """
+    student.train()
+    optimizer.zero_grad(set_to_none=True)
+    device_type = batch["image"].device.type
+    autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+    with autocast:
+        loss, terms = compute_loss(
+            student,
+            mean_teacher.teacher,
+            batch["image"],
+            batch["mask"],
+            None if unlabeled_batch is None else unlabeled_batch["image"],
+            method=method,
+            mask_generator=mask_generator,
+            generator=generator,
+            weight=weight,
+            ignore_index=ignore_index,
+        )
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    scheduler.step()
+    mean_teacher.update(student)
+    return terms

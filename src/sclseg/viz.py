@@ -1,0 +1,41 @@
+"""Colour label maps, overlays and side-by-side comparison figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["colorize", "overlay", "comparison_grid"]
+
+
+def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """``(H, W)`` class indices -> ``(H, W, 3)`` uint8 colours from a ``(256, 3)`` palette."""
+    return palette[np.asarray(labels, dtype=np.int64) % 256]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an ``(H, W, 3)`` uint8 image with its colourised labels."""
+    colours = colorize(labels, palette).astype(np.float32)
+    return (image.astype(np.float32) * (1 - alpha) + colours * alpha).round().astype(np.uint8)
+
+
+def comparison_grid(
+    rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], path: Path, *, scale: int = 3, gap: int = 4
+) -> None:
+    """Save a grid PNG: one row per example, one column per title (all tiles ``(H, W, 3)`` uint8)."""
+    h, w = rows[0][0].shape[:2]
+    th, tw = h * scale, w * scale
+    header = 16
+    canvas = Image.new("RGB", (len(titles) * (tw + gap) + gap, header + len(rows) * (th + gap) + gap), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, title in enumerate(titles):
+        draw.text((gap + c * (tw + gap), 2), title, fill=(0, 0, 0))
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            img = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
+            canvas.paste(img, (gap + c * (tw + gap), header + gap + r * (th + gap)))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
