@@ -131,7 +131,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     written = []
     for path in _input_files(args.inputs):
         try:
-            rgb = np.asarray(Image.open(path).convert("RGB"))
+            rgb = np.array(Image.open(path).convert("RGB"))
         except OSError as exc:
             raise ValueError(f"{path}: cannot read image ({exc})") from exc
         image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(device)

@@ -48,7 +48,7 @@ class NonFiniteLoss(RuntimeError):
 def build_model_from_checkpoint(ckpt: dict, *, use_teacher: bool = True) -> tuple[nn.Module, Config]:
     """The network stored in a checkpoint (teacher/EMA weights by default) and its config."""
     cfg = config_from_dict(ckpt["config"])
-    model = create_model(cfg.model, ckpt["num_classes"])
+    model = create_model(cfg.model, ckpt["num_classes"], load_pretrained=False)
     key = "teacher" if use_teacher and "teacher" in ckpt else "student"
     try:
         model.load_state_dict(ckpt[key])
@@ -81,7 +81,7 @@ class Trainer:
         self.data = data if data is not None else build_data(cfg)
         num_classes = self.data.num_classes
 
-        model = create_model(cfg.model, num_classes).to(self.device)
+        model = create_model(cfg.model, num_classes, load_pretrained=not resume).to(self.device)
         self.mean_teacher = MeanTeacher(model, cfg.method.ema_decay)
         if self.world > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -1,0 +1,183 @@
+"""The engine end to end on a tiny budget: CLI train/evaluate/predict, the step, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sclseg.cli import main, resolve_config_path
+from sclseg.config import ConfigError, load_config
+from sclseg.cutmix import BoxMaskGenerator
+from sclseg.data import build_data
+from sclseg.data.digits import DIGIT_CLASSES
+from sclseg.engine.step import compute_loss, unlabeled_weight
+from sclseg.metrics import ConfusionMatrix
+from sclseg.models import create_model
+from sclseg.teacher import MeanTeacher
+
+TINY = [
+    "data.digits.image_size=32",
+    "data.digits.n_train=40",
+    "data.digits.n_val=6",
+    "data.digits.n_test=6",
+    "data.digits.n_labeled=8",
+    "data.digits.digit_scale=[3,3]",
+    "data.crop_size=[32,32]",
+    "data.batch_size=4",
+    "data.unlabeled_batch_size=4",
+    "model.width=8",
+    "train.iterations=4",
+    "train.eval_interval=2",
+    "train.log_interval=2",
+    "train.checkpoint_interval=2",
+    "train.threads=1",
+    "method.rampup_iters=0",
+]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", "digits/default", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_writes_checkpoints_metrics_and_resolved_config(trained_run: Path) -> None:
+    files = {p.name for p in trained_run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "best.pt", "final.json", "step_4.pt", "step_2.pt"} <= files
+    resolved = yaml.safe_load((trained_run / "config.yaml").read_text())
+    assert resolved["train"]["iterations"] == 4 and resolved["method"]["name"] == "scl"
+    assert resolved["method"]["lambda_c"] == load_config(resolve_config_path("digits/default")).method.lambda_c
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["iteration"] for r in train_records] == [2, 4]
+    assert {"loss", "loss_x", "loss_c", "loss_sc", "lr", "it_per_s"} <= train_records[0].keys()
+    assert [r["iteration"] for r in evals] == [2, 4]
+    assert all(0.0 <= r["teacher_miou"] <= 100.0 for r in evals)
+
+
+def test_evaluate_reproduces_the_last_evaluation(trained_run: Path, tmp_path: Path) -> None:
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if r["kind"] == "eval"][-1]
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "digits/default", "--checkpoint", str(trained_run / "step_4.pt"), "--out", str(out), *TINY])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["miou"] == pytest.approx(last["teacher_miou"], abs=1e-9)
+    assert set(result["per_class_iou"]) == {c.name for c in DIGIT_CLASSES}
+    student_out = tmp_path / "student.json"
+    main(["evaluate", "digits/default", "--checkpoint", str(trained_run / "step_4.pt"), "--student", "--out", str(student_out), *TINY])
+    assert json.loads(student_out.read_text())["miou"] == pytest.approx(last["student_miou"], abs=1e-9)
+
+
+def test_predict_writes_label_pngs_of_the_input_size_with_the_palette(trained_run: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8)).save(inputs / "a.png")
+    Image.fromarray(rng.integers(0, 255, (33, 21, 3), dtype=np.uint8)).save(inputs / "b.jpg")
+    out = tmp_path / "pred"
+    assert main(["predict", str(inputs), "--checkpoint", str(trained_run / "best.pt"), "--out", str(out)]) == 0
+    for stem, size in (("a", (52, 40)), ("b", (21, 33))):
+        label = Image.open(out / f"{stem}_labels.png")
+        assert label.mode == "P" and label.size == size
+        assert np.asarray(label).max() < len(DIGIT_CLASSES)
+        palette = np.asarray(label.getpalette()[: 3 * len(DIGIT_CLASSES)]).reshape(-1, 3)
+        assert [tuple(c) for c in palette] == [c.color for c in DIGIT_CLASSES]
+        assert Image.open(out / f"{stem}_overlay.png").size == (2 * size[0], size[1])
+    listing = json.loads((out / "predictions.json").read_text())
+    assert len(listing["files"]) == 2
+
+
+def test_unknown_config_key_names_the_nearest_valid_key(tmp_path: Path, capsys) -> None:
+    with pytest.raises(ConfigError, match=r"method\.lambda_sc"):
+        load_config(resolve_config_path("digits/default"), ["method.lambda_sx=2"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  iteratons: 3\n")
+    assert main(["train", str(bad), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "train.iteratons" in err and "train.iterations" in err
+
+
+def test_wrong_value_type_is_an_error_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"train\.iterations: expected an integer"):
+        load_config(None, ["train.iterations=ten"])
+    with pytest.raises(ConfigError, match=r"method\.name: expected one of"):
+        load_config(None, ["method.name=mixmatch"])
+
+
+def _tiny_setup(method: str):
+    cfg = load_config(resolve_config_path("digits/default"), [*TINY, f"method.name={method}"])
+    data = build_data(cfg)
+    torch.manual_seed(0)
+    model = create_model(cfg.model, data.num_classes)
+    images = torch.stack([data.labeled[i]["image"] for i in range(4)])
+    labels = torch.stack([data.labeled[i]["mask"] for i in range(4)])
+    unlabeled = torch.stack([data.unlabeled[i]["image"] for i in range(4)])
+    return cfg, model, images, labels, unlabeled
+
+
+@pytest.mark.parametrize("method", ["supervised", "cl", "scl"])
+def test_step_lowers_its_loss_on_a_fixed_batch(method: str) -> None:
+    cfg, model, images, labels, unlabeled = _tiny_setup(method)
+    teacher = MeanTeacher(model, 0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    masks = BoxMaskGenerator(cfg.method.n_boxes)
+
+    def loss_at_fixed_seed() -> float:
+        model.train()
+        with torch.no_grad():
+            loss, _ = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
+                                   mask_generator=masks, generator=torch.Generator().manual_seed(7))
+        return float(loss)
+
+    before = loss_at_fixed_seed()
+    for _ in range(15):
+        loss, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
+                                   mask_generator=masks, generator=torch.Generator().manual_seed(7))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        teacher.update(model)
+    assert set(terms) == {"supervised": {"loss", "loss_x"}, "cl": {"loss", "loss_x", "loss_c"},
+                          "scl": {"loss", "loss_x", "loss_c", "loss_sc"}}[method]
+    assert loss_at_fixed_seed() < before
+
+
+def test_unlabeled_weight_warm_up_and_ramp() -> None:
+    cfg = load_config(None, ["method.unlabeled_start=10", "method.rampup_iters=100"])
+    assert unlabeled_weight(cfg.method, 5) == 0.0
+    assert unlabeled_weight(cfg.method, 10) == pytest.approx(np.exp(-5.0))
+    assert unlabeled_weight(cfg.method, 60) == pytest.approx(np.exp(-5.0 * 0.25))
+    assert unlabeled_weight(cfg.method, 500) == 1.0
+    cfg.method.name = "supervised"
+    assert unlabeled_weight(cfg.method, 500) == 0.0
+
+
+def test_miou_against_a_hand_computed_confusion_matrix() -> None:
+    # 3 classes; ignore = 255
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    cm = ConfusionMatrix(3, 255)
+    cm.update(pred, target)
+    # rows true, cols pred: class0 -> {0:1, 1:1}; class1 -> {1:2, 0:1}; class2 -> {2:1, 0:1}
+    assert cm.matrix.tolist() == [[1, 1, 0], [1, 2, 0], [1, 0, 1]]
+    iou = [1 / (2 + 3 - 1), 2 / (3 + 3 - 2), 1 / (2 + 1 - 1)]
+    assert cm.iou().tolist() == pytest.approx(iou)
+    assert cm.miou() == pytest.approx(100 * sum(iou) / 3)
+    assert cm.pixel_accuracy() == pytest.approx(100 * 4 / 7)
+    summary = cm.summary(["a", "b", "c"])
+    assert summary["per_class_iou"]["b"] == pytest.approx(50.0)
+
+
+def test_confusion_matrix_rejects_labels_outside_the_classes() -> None:
+    cm = ConfusionMatrix(3, 255)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
