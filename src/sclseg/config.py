@@ -18,11 +18,14 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 __all__ = [
+    "CityscapesConfig",
+    "ClassUniformConfig",
     "Config",
     "ConfigError",
     "DataConfig",
     "DigitsConfig",
     "EvalConfig",
+    "FolderConfig",
     "MethodConfig",
     "ModelConfig",
     "OptimConfig",
@@ -56,6 +59,41 @@ class DigitsConfig:
 
 
 @dataclass
+class CityscapesConfig:
+    """Cityscapes splits (see :mod:`sclseg.data.cityscapes` and docs/data.md)."""
+
+    labeled: Literal["train", "trainval"] = "train"  # fine splits whose labels are used ("trainval" = paper's Ours+)
+    split_dir: Optional[str] = None  # UniMatch/CPS folder with labeled.txt (+ unlabeled.txt); cwd- or root-relative
+    labeled_fraction: Optional[float] = None  # keep this share of the fine pool labeled (seeded), hold back the rest
+    labeled_count: Optional[int] = None  # ... or this many images (e.g. 372 = the community's 1/8)
+    split_seed: int = 0
+    held_back_unlabeled: bool = True  # fine images whose labels are held back join the unlabeled pool
+    extra_unlabeled: bool = True  # leftImg8bit/train_extra images join the unlabeled pool (coarse labels unused)
+
+
+@dataclass
+class FolderConfig:
+    """A folder of images and index-PNG masks (see :mod:`sclseg.data.folder`)."""
+
+    classes: list[str] = field(default_factory=list)  # class names; mask value i = classes[i]
+    colors: Optional[list[list[int]]] = None  # RGB per class for outputs; None = a default palette
+    ignore_value: int = 255  # mask value of unlabelled pixels (mapped to data.ignore_index)
+    val_fraction: float = 0.1  # held out of images/ for evaluation when ROOT/val/ is absent
+    labeled_fraction: Optional[float] = None  # keep this share of images/ labeled; the rest joins the unlabeled pool
+    split_seed: int = 0
+
+
+@dataclass
+class ClassUniformConfig:
+    """Class-uniform sampling of labeled crops (Zhu et al.; see :mod:`sclseg.data.class_uniform`)."""
+
+    enabled: bool = False
+    fraction: float = 0.5  # share of labeled crops centred on a pixel of a uniformly chosen class
+    tile_size: int = 1024  # centroids are computed per class per tile of this size
+    cache_dir: Optional[str] = None  # default: <data.root>/.sclseg_cache
+
+
+@dataclass
 class DataConfig:
     name: Literal["digits", "folder", "cityscapes"] = "digits"
     root: Optional[str] = None
@@ -69,6 +107,9 @@ class DataConfig:
     blur_prob: float = 0.3
     ignore_index: int = 255
     digits: DigitsConfig = field(default_factory=DigitsConfig)
+    cityscapes: CityscapesConfig = field(default_factory=CityscapesConfig)
+    folder: FolderConfig = field(default_factory=FolderConfig)
+    class_uniform: ClassUniformConfig = field(default_factory=ClassUniformConfig)
 
 
 @dataclass

@@ -18,6 +18,7 @@ __all__ = [
     "SegmentationDataset",
     "build_data",
     "palette_array",
+    "training_view",
 ]
 
 
@@ -65,8 +66,49 @@ def _digits(cfg: Config) -> DataBundle:
     return DataBundle(labeled, unlabeled if len(unlabeled) else None, evals, DIGIT_CLASSES, DigitScenes.ignore_index)
 
 
-def build_data(cfg: Config) -> DataBundle:
-    """Datasets for ``cfg.data.name``."""
+def training_view(cfg: Config, dataset: SegmentationDataset, *, class_uniform: bool = True) -> SegmentationDataset:
+    """Training samples of a file-backed dataset: random scale relative to each image, crop with
+    ignore padding (class-uniform for ``data.class_uniform.fraction`` of labeled crops when
+    enabled and ``class_uniform``), then the standard :class:`TrainTransform`'s flip, colour
+    jitter and blur.
+    """
+    from pathlib import Path
+
+    from sclseg.data.class_uniform import TrainingView, class_centroids, make_tail_transform
+
+    d, cu = cfg.data, cfg.data.class_uniform
+    centroids = None
+    use_cu = cu.enabled and class_uniform and dataset.labeled
+    if use_cu:
+        if not 0.0 <= cu.fraction <= 1.0:
+            raise ConfigError(f"data.class_uniform.fraction must be in [0, 1], got {cu.fraction}")
+        if cu.tile_size < 1:
+            raise ConfigError(f"data.class_uniform.tile_size must be >= 1, got {cu.tile_size}")
+        cache_dir = Path(cu.cache_dir).expanduser() if cu.cache_dir else Path(d.root).expanduser() / ".sclseg_cache"
+        centroids = class_centroids(dataset, tile_size=cu.tile_size, cache_dir=cache_dir, num_workers=d.num_workers)
+    tail = make_tail_transform(d.crop_size, hflip=d.hflip, color_jitter=d.color_jitter, blur_prob=d.blur_prob,
+                               ignore_index=d.ignore_index)
+    try:
+        return TrainingView(dataset, crop_size=d.crop_size, scale_range=d.scale_range, tail=tail, centroids=centroids,
+                            fraction=cu.fraction if use_cu else 0.0)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
+
+
+def build_data(cfg: Config, *, for_training: bool = True) -> DataBundle:
+    """Datasets for ``cfg.data.name``: digits (embedded), cityscapes, folder (your own data).
+
+    ``for_training=False`` (evaluation, scoring files) skips the class-uniform centroid scan of
+    the labeled set; the evaluation splits are the same either way.
+    """
     if cfg.data.name == "digits":
         return _digits(cfg)
-    raise ConfigError(f"data.name '{cfg.data.name}' is not available in this version; use 'digits'")
+    if cfg.data.name == "cityscapes":
+        from sclseg.data.cityscapes import build_cityscapes
+
+        return build_cityscapes(cfg, for_training=for_training)
+    if cfg.data.name == "folder":
+        from sclseg.data.folder import build_folder
+
+        return build_folder(cfg, for_training=for_training)
+    raise ConfigError(f"data.name '{cfg.data.name}' is not available; use 'digits', 'cityscapes' or 'folder'")

@@ -6,7 +6,9 @@ digits written by 13 people, Alpaydin & Kaynak, CC BY 4.0) as bundled with sciki
 
 A scene is a ``S x S`` RGB canvas with a textured, coloured background (gradients, stripes,
 smooth noise) and a few digits upscaled 3-5x with bilinear interpolation, each in its own
-colour; later digits are drawn over earlier ones. The label of a pixel is ``1 + digit`` where
+colour chosen to stand out from the background under it (a luminance gap of at least 0.3),
+placed so that at most 10% of a digit's stroke falls on earlier digits (later digits are
+drawn over earlier ones). The label of a pixel is ``1 + digit`` where
 the digit's stroke covers it, else 0 (background): 11 classes. The digit instances are split
 once, by a seeded permutation, into disjoint train / val / test pools, so no handwritten digit
 appears in two splits. Everything is a deterministic function of the seed.
@@ -42,6 +44,9 @@ DIGIT_CLASSES: list[ClassInfo] = [
 
 _POOL_SHARES = {"train": 0.6, "val": 0.15, "test": 0.25}
 _STROKE_THRESHOLD = 0.5  # a pixel is labeled as the digit where its upscaled ink >= this
+_MAX_OVERLAP = 0.1  # share of a new digit's stroke that may fall on earlier digits
+_MIN_CONTRAST = 0.3  # luminance gap between a digit and the background under it
+_PLACEMENT_TRIES = 30
 
 
 @dataclass
@@ -85,25 +90,36 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return texture
 
 
+def _luminance(colour: np.ndarray) -> float:
+    return float(0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2])
+
+
 def _render_scene(
     rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray, size: int, n_range: tuple[int, int], scales: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
+    """One scene: digits placed with little overlap, each in a colour that stands out from the
+    background under it (luminance gap >= ``_MIN_CONTRAST``)."""
     image = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(n_range[0], n_range[1] + 1)):
         k = rng.integers(len(ink))
-        scale = int(rng.integers(scales[0], scales[1] + 1))
-        side = 8 * scale
-        if side > size:
-            continue
+        side = 8 * int(rng.integers(scales[0], scales[1] + 1))
         glyph = torch.from_numpy(ink[k])[None, None]
         glyph = F.interpolate(glyph, size=(side, side), mode="bilinear", align_corners=False)[0, 0].numpy()
-        alpha = np.clip(glyph * 1.5, 0.0, 1.0)
-        y, x = rng.integers(0, size - side + 1, 2)
-        colour = rng.uniform(0.0, 1.0, (3, 1, 1))
-        region = image[:, y : y + side, x : x + side]
-        image[:, y : y + side, x : x + side] = region * (1 - alpha) + colour * alpha
         stroke = glyph >= _STROKE_THRESHOLD
+        for _attempt in range(_PLACEMENT_TRIES):  # keep the most of every digit visible
+            y, x = rng.integers(0, size - side + 1, 2)
+            covered = mask[y : y + side, x : x + side][stroke] > 0
+            if covered.mean() <= _MAX_OVERLAP:
+                break
+        region = image[:, y : y + side, x : x + side]
+        under = _luminance(region[:, stroke].mean(axis=1)) if stroke.any() else 0.5
+        for _attempt in range(_PLACEMENT_TRIES):
+            colour = rng.uniform(0.0, 1.0, (3, 1, 1))
+            if abs(_luminance(colour[:, 0, 0]) - under) >= _MIN_CONTRAST:
+                break
+        alpha = np.clip((glyph - 0.2) * 2.5, 0.0, 1.0)
+        image[:, y : y + side, x : x + side] = region * (1 - alpha) + colour * alpha
         mask[y : y + side, x : x + side][stroke] = labels[k] + 1
     return (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8), mask
 
