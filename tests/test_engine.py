@@ -181,3 +181,24 @@ def test_confusion_matrix_rejects_labels_outside_the_classes() -> None:
     cm = ConfusionMatrix(3, 255)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         cm.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
+
+
+def test_scoring_predict_output_equals_model_evaluation(trained_run: Path, tmp_path: Path) -> None:
+    cfg = load_config(resolve_config_path("digits/default"), TINY)
+    val = build_data(cfg).eval_splits["val"]
+    images = tmp_path / "val_images"
+    images.mkdir()
+    for i in range(len(val)):
+        sample = val[i]
+        rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(rgb).save(images / f"{sample['name']}.png")
+    preds = tmp_path / "preds"
+    ckpt = str(trained_run / "step_4.pt")
+    assert main(["predict", str(images), "--checkpoint", ckpt, "--out", str(preds)]) == 0
+    model_json, files_json = tmp_path / "model.json", tmp_path / "files.json"
+    assert main(["evaluate", "digits/default", "--checkpoint", ckpt, "--out", str(model_json), *TINY]) == 0
+    assert main(["evaluate", "digits/default", "--predictions", str(preds), "--out", str(files_json), *TINY]) == 0
+    from_model, from_files = json.loads(model_json.read_text()), json.loads(files_json.read_text())
+    assert from_files["eval_mode"] == "files" and from_files["images"] == len(val)
+    assert from_files["miou"] == pytest.approx(from_model["miou"], abs=1e-9)
+    assert main(["evaluate", "digits/default", *TINY]) == 2  # neither --checkpoint nor --predictions

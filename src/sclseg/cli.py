@@ -76,22 +76,34 @@ def _device(request: str) -> torch.device:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sclseg.data import build_data
-    from sclseg.engine.evaluate import evaluate_model
 
+    if (args.checkpoint is None) == (args.predictions is None):
+        raise ConfigError("evaluate needs exactly one of --checkpoint CKPT (score a model) or --predictions DIR (score PNGs)")
     cfg = _load(args.config, args.overrides)
     if args.split:
         cfg.eval.split = args.split
-    data = build_data(cfg)
+    data = build_data(cfg, for_training=False)
     if cfg.eval.split not in data.eval_splits:
         raise ConfigError(f"split '{cfg.eval.split}' not available; have {sorted(data.eval_splits)}")
-    device = _device(cfg.train.device)
-    model, _, ckpt = _checkpoint_model(args.checkpoint, use_teacher=not args.student)
-    if ckpt["num_classes"] != data.num_classes:
-        raise ValueError(f"{args.checkpoint}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
-    result = evaluate_model(model.to(device), data.eval_splits[cfg.eval.split], cfg.eval, device=device)
-    result |= {"split": cfg.eval.split, "checkpoint": str(args.checkpoint), "weights": "student" if args.student else "teacher",
-               "iteration": ckpt["iteration"]}
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name(f"eval_{cfg.eval.split}.json")
+    dataset = data.eval_splits[cfg.eval.split]
+    if args.predictions is not None:
+        from sclseg.engine.score_files import score_prediction_dir
+
+        result = score_prediction_dir(dataset, Path(args.predictions))
+        result |= {"split": cfg.eval.split, "predictions": str(args.predictions)}
+        default_out = Path(args.predictions) / f"eval_{cfg.eval.split}.json"
+    else:
+        from sclseg.engine.evaluate import evaluate_model
+
+        device = _device(cfg.train.device)
+        model, _, ckpt = _checkpoint_model(args.checkpoint, use_teacher=not args.student)
+        if ckpt["num_classes"] != data.num_classes:
+            raise ValueError(f"{args.checkpoint}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
+        result = evaluate_model(model.to(device), dataset, cfg.eval, device=device)
+        result |= {"split": cfg.eval.split, "checkpoint": str(args.checkpoint),
+                   "weights": "student" if args.student else "teacher", "iteration": ckpt["iteration"]}
+        default_out = Path(args.checkpoint).with_name(f"eval_{cfg.eval.split}.json")
+    out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.eval.split}: mIoU {result['miou']:.2f} ({result['eval_mode']}, {result['images']} images) -> {out}")
@@ -144,7 +156,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         label_png.save(label_path)
         overlay_path = out / f"{path.stem}_overlay.png"
         Image.fromarray(np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)).save(overlay_path)
-        written.append({"input": str(path), "labels": str(label_path), "overlay": str(overlay_path)})
+        entry = {"input": str(path), "labels": str(label_path), "overlay": str(overlay_path)}
+        if args.cityscapes_ids:
+            from sclseg.engine.score_files import write_cityscapes_prediction
+
+            submission = write_cityscapes_prediction(labels, path.stem, out / "cityscapes_label_ids", size=None)
+            entry["cityscapes_label_ids"] = str(submission["label_ids"])
+        written.append(entry)
     (out / "predictions.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "class_names": ckpt["class_names"],
                                                       "files": written}, indent=2))
     print(f"wrote {len(written)} label maps and overlays to {out}")
@@ -173,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a split of the config's data")
     p.add_argument("config")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="score this checkpoint's model")
+    p.add_argument("--predictions", help="score the prediction PNGs in this folder instead of a model")
     p.add_argument("--split", help="split to score (default: eval.split)")
     p.add_argument("--student", action="store_true", help="use the student instead of the EMA teacher")
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
@@ -187,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=float, nargs="+", help="e.g. 0.5 1.0 2.0 (default: the run's eval.scales)")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--tile", type=int, nargs=2, metavar=("H", "W"), help="sliding-window tile size")
+    p.add_argument("--cityscapes-ids", action="store_true",
+                   help="also write labelId PNGs (OUT/cityscapes_label_ids/) for the Cityscapes test server")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
