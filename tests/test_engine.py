@@ -202,3 +202,7 @@ def test_scoring_predict_output_equals_model_evaluation(trained_run: Path, tmp_p
     assert from_files["eval_mode"] == "files" and from_files["images"] == len(val)
     assert from_files["miou"] == pytest.approx(from_model["miou"], abs=1e-9)
     assert main(["evaluate", "digits/default", *TINY]) == 2  # neither --checkpoint nor --predictions
+
+
+def test_exponent_floats_without_a_dot_are_numbers() -> None:
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)

@@ -49,9 +49,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.train.iterations = 1
         cfg.train.eval_interval = cfg.train.checkpoint_interval = cfg.train.log_interval = 1
         out = out / "dry_run"
-    resume = True if args.resume == "latest" else args.resume
+    resume = {"latest": True, "auto": "auto"}.get(args.resume, args.resume)
     try:
-        final = Trainer(cfg, out, resume=resume).run(evaluate=not args.dry_run)
+        trainer = Trainer(cfg, out, resume=resume, existing="replace" if args.dry_run else "error")
+        final = trainer.run(evaluate=not args.dry_run)
     finally:
         dist.cleanup()
     if dist.is_main():
@@ -64,8 +65,18 @@ def _checkpoint_model(path: str, use_teacher: bool):
     from sclseg.engine.trainer import build_model_from_checkpoint
 
     ckpt = load_checkpoint(Path(path))
-    model, cfg = build_model_from_checkpoint(ckpt, use_teacher=use_teacher)
+    model, cfg = build_model_from_checkpoint(ckpt, use_teacher=use_teacher, source=path)
     return model, cfg, ckpt
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sclseg.engine.checkpoint import export_weights
+
+    info = export_weights(Path(args.checkpoint), Path(args.out), use_teacher=not args.student,
+                          dtype=torch.float16 if args.half else None)
+    Path(args.out).with_name(Path(args.out).name + ".json").write_text(json.dumps(info, indent=2))
+    print(f"wrote the {info['weights']} weights of step {info['iteration']} ({info['bytes'] / 1e6:.1f} MB) to {args.out}")
+    return 0
 
 
 def _device(request: str) -> torch.device:
@@ -185,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue from the newest checkpoint in --out, or from the given file")
+                   help="continue from the newest checkpoint in --out, or from the given file; "
+                        "'--resume auto' starts afresh when --out holds no checkpoint (for requeued jobs)")
     p.add_argument("--dry-run", action="store_true", help="build everything, run one step, exit")
     p.set_defaults(func=_cmd_train)
 
@@ -211,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("export", help="write the weights-only inference file of a checkpoint")
+    p.add_argument("checkpoint", help="a training checkpoint (step_N.pt, best.pt)")
+    p.add_argument("out", help="output file (e.g. model.pt); predict and evaluate accept it as --checkpoint")
+    p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
+    p.add_argument("--half", action="store_true", help="store the floating tensors as float16")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("demo", help="supervised vs cl vs scl on the embedded digit scenes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -226,8 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [item for item in extra if "=" not in item or item.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if extra and args.command == "predict":
-        parser.error("predict takes no config overrides")
+    if extra and args.command in ("predict", "export"):
+        parser.error(f"{args.command} takes no config overrides")
     args.overrides = extra
     try:
         return args.func(args)
@@ -238,8 +257,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from sclseg.engine.trainer import NonFiniteLoss, TrainingInterrupted
 
         if isinstance(exc, (TrainingInterrupted, NonFiniteLoss)):
-            print(f"sclseg {args.command}: {exc}", file=sys.stderr)
-            return 130 if isinstance(exc, TrainingInterrupted) else 3
+            from sclseg.engine import distributed as dist
+
+            if dist.is_main():  # every rank stops alike; one message is enough
+                print(f"sclseg {args.command}: {exc}", file=sys.stderr)
+            return exc.exit_code if isinstance(exc, TrainingInterrupted) else 3
         raise
 
 

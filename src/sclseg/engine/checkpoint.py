@@ -1,8 +1,18 @@
 """Atomic, code-free checkpoints: everything a run needs to continue exactly.
 
-Files are written to a temporary name, flushed and fsynced, then renamed over the target, so
-a crash never leaves a half-written checkpoint. Loading uses ``torch.load(weights_only=True)``:
-a checkpoint cannot run code.
+Files are written to a temporary name in the target folder, flushed and fsynced, then renamed
+over the target (and the folder fsynced), so a crash or a pre-emption never leaves a
+half-written checkpoint. Loading uses ``torch.load(weights_only=True)``: a checkpoint cannot
+run code.
+
+Two kinds of files:
+
+* training checkpoints (``format: sclseg-checkpoint-1``): student, teacher, optimizer, lr
+  schedule, scaler, iteration, data stream positions, every RNG state of every rank, the
+  resolved config; ``sclseg train --resume`` continues them bit for bit.
+* exported weights (``format: sclseg-weights-1``, :func:`export_weights`, ``sclseg export``):
+  one network's ``state_dict`` plus what inference needs (config, class names and colours);
+  ``sclseg predict`` / ``sclseg evaluate`` accept both kinds.
 """
 
 from __future__ import annotations
@@ -11,73 +21,164 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
-__all__ = ["save_atomic", "load_checkpoint", "rng_state", "set_rng_state", "latest_checkpoint", "prune"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "WEIGHTS_FORMAT",
+    "save_atomic",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "prune",
+    "export_weights",
+]
 
+CHECKPOINT_FORMAT = "sclseg-checkpoint-1"
+WEIGHTS_FORMAT = "sclseg-weights-1"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-def save_atomic(obj: Any, path: Path) -> None:
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_atomic(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` to ``path`` atomically: temp file, flush + fsync, rename, fsync the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
-def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict:
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", *, kind: Optional[str] = None) -> dict:
+    """Load an sclseg checkpoint or exported weights file with ``weights_only=True``.
+
+    ``kind="checkpoint"`` accepts only training checkpoints (what ``--resume`` needs),
+    ``kind="weights"`` either kind (what inference needs). Every failure is a
+    ``FileNotFoundError`` / ``ValueError`` naming the file and what was expected.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, foreign pickle, ...
-        raise ValueError(f"{path}: not a readable sclseg checkpoint ({exc})") from exc
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, a pickle that wants to run code, ...
+        raise ValueError(
+            f"{path}: not a readable sclseg checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "expected a file written by 'sclseg train' or 'sclseg export' (loaded with weights_only=True)"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{path}: not an sclseg checkpoint (format {found!r}); expected {CHECKPOINT_FORMAT!r} or {WEIGHTS_FORMAT!r}")
+    if kind == "checkpoint" and ckpt["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path}: exported weights ({ckpt['format']}) hold no optimizer or RNG state and cannot be resumed; "
+            f"expected a training checkpoint ({CHECKPOINT_FORMAT}, a step_N.pt of the run folder)"
+        )
+    return ckpt
+
+
+def _numpy_state() -> list:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
 
 
 def rng_state() -> dict:
     """Python, NumPy, torch CPU and CUDA RNG states in types ``weights_only`` accepts."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state = {"python": random.getstate(), "numpy": _numpy_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: touching the others would create a CUDA context on each
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible device
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu())
 
 
-def latest_checkpoint(directory: Path) -> Optional[Path]:
+def list_checkpoints(directory: Union[str, Path]) -> list[tuple[int, Path]]:
+    """``[(N, step_N.pt), ...]`` in ``directory``, sorted by N."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := _STEP_FILE.match(p.name)))
+
+
+def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     """The ``step_N.pt`` with the largest N in ``directory``, or None."""
-    steps = []
-    for p in Path(directory).glob("step_*.pt"):
-        m = _STEP_FILE.match(p.name)
-        if m:
-            steps.append((int(m.group(1)), p))
-    return max(steps)[1] if steps else None
+    steps = list_checkpoints(directory)
+    return steps[-1][1] if steps else None
 
 
-def prune(directory: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` ``step_N.pt`` files."""
-    steps = sorted(
-        (int(m.group(1)), p) for p in Path(directory).glob("step_*.pt") if (m := _STEP_FILE.match(p.name))
-    )
-    for _, path in steps[: max(0, len(steps) - keep)]:
+def prune(directory: Union[str, Path], keep: int) -> None:
+    """Delete all but the newest ``keep`` ``step_N.pt`` files (``best.pt`` is never touched)."""
+    steps = list_checkpoints(directory)
+    for _, path in steps[: max(0, len(steps) - max(1, keep))]:
         path.unlink(missing_ok=True)
+
+
+def export_weights(checkpoint: Union[str, Path], out: Union[str, Path], *, use_teacher: bool = True,
+                   dtype: Optional[torch.dtype] = None) -> dict:
+    """Write the weights-only inference file of a training checkpoint (or re-export weights).
+
+    The file holds one network (the EMA teacher by default, the student on request) as a
+    ``state_dict`` of tensors, the resolved config and the class names and colours, and nothing
+    else: no optimizer, no RNG state. ``dtype`` (e.g. ``torch.float16``) casts floating tensors.
+    Returns a summary of what was written.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt["format"] == WEIGHTS_FORMAT:
+        weights, role = ckpt["model"], ckpt.get("weights", "teacher")
+    else:
+        role = "teacher" if use_teacher else "student"
+        weights = ckpt[role]
+    if dtype is not None:
+        weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in weights.items()}
+    exported = {
+        "format": WEIGHTS_FORMAT,
+        "model": {k: v.detach().cpu().contiguous() for k, v in weights.items()},
+        "weights": role,
+        "config": ckpt["config"],
+        "num_classes": ckpt["num_classes"],
+        "class_names": ckpt["class_names"],
+        "class_colors": ckpt["class_colors"],
+        "iteration": ckpt.get("iteration"),
+        "source": str(checkpoint),
+    }
+    save_atomic(exported, Path(out))
+    return {"out": str(out), "weights": role, "iteration": exported["iteration"], "tensors": len(weights),
+            "bytes": Path(out).stat().st_size}

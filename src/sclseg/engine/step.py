@@ -98,8 +98,8 @@ def train_step(
     mean_teacher: MeanTeacher,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batch: dict,
-    unlabeled_batch: Optional[dict],
+    batch: dict | list[dict],
+    unlabeled_batch: dict | list[Optional[dict]] | None,
     *,
     method: MethodConfig,
     mask_generator: BoxMaskGenerator,
@@ -111,32 +111,65 @@ def train_step(
 ) -> dict[str, Tensor]:
     """Forward, backward, SGD step, lr schedule step and EMA update; returns detached terms.
 
-    Batches are dicts from :mod:`sclseg.engine.stream`, already on the model's device.
+    Batches are dicts from :mod:`sclseg.engine.stream`, already on the model's device. A list
+    of batches (and of unlabeled batches) is one optimizer step with gradient accumulation:
+    each micro-batch's loss is divided by their number, and a DDP-wrapped student skips the
+    gradient all-reduce (``no_sync``) on all but the last. ``amp_dtype`` runs the forward
+    passes under autocast; the loss and the returned terms are float32 (averaged over the
+    micro-batches). ``scaler`` (fp16) scales the loss and skips steps with non-finite gradients.
     """
+    import warnings
+
+    micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    if unlabeled_batch is None:
+        umicro: list[Optional[dict]] = [None] * len(micro)
+    elif isinstance(unlabeled_batch, (list, tuple)):
+        umicro = list(unlabeled_batch)
+    else:
+        umicro = [unlabeled_batch]
+    if not micro or len(umicro) != len(micro):
+        raise ValueError(f"train_step: {len(micro)} labeled and {len(umicro)} unlabeled micro-batches; expected as many of each (>= 1)")
+    count = len(micro)
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    device_type = batch["image"].device.type
-    autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-    with autocast:
-        loss, terms = compute_loss(
-            student,
-            mean_teacher.teacher,
-            batch["image"],
-            batch["mask"],
-            None if unlabeled_batch is None else unlabeled_batch["image"],
-            method=method,
-            mask_generator=mask_generator,
-            generator=generator,
-            weight=weight,
-            ignore_index=ignore_index,
-        )
+    device_type = micro[0]["image"].device.type
+    no_sync = getattr(student, "no_sync", None)
+    totals: dict[str, Tensor] = {}
+    for index, (labeled, unlabeled) in enumerate(zip(micro, umicro)):
+        sync = no_sync() if no_sync is not None and index < count - 1 else nullcontext()
+        autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+        with sync:
+            with autocast:
+                loss, terms = compute_loss(
+                    student,
+                    mean_teacher.teacher,
+                    labeled["image"],
+                    labeled["mask"],
+                    None if unlabeled is None else unlabeled["image"],
+                    method=method,
+                    mask_generator=mask_generator,
+                    generator=generator,
+                    weight=weight,
+                    ignore_index=ignore_index,
+                )
+            loss = loss.float()
+            if count > 1:
+                loss = loss / count
+            if scaler is not None:
+                scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        for key, value in terms.items():
+            value = value.detach().float()
+            totals[key] = value / count if key not in totals else totals[key] + value / count
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
         optimizer.step()
-    scheduler.step()
+    with warnings.catch_warnings():
+        # a GradScaler skips steps with inf/NaN gradients (fp16 warm-up): the schedule still advances
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        scheduler.step()
     mean_teacher.update(student)
-    return terms
+    return totals

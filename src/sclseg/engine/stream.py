@@ -1,19 +1,27 @@
 """Resumable, rank-aware infinite streams of augmented batches.
 
-Each stream walks seeded permutations of its dataset, epoch after epoch, and gives every
-sample its own augmentation seed derived from ``(stream seed, epoch, position)``. The batch
-at step k is therefore a pure function of the seed and k: it does not depend on the number
-of data workers, and a resumed run continues exactly where the stopped one was.
+Each stream walks seeded permutations of its dataset, epoch after epoch. Position ``g`` of
+epoch ``e`` (``g`` counts over all ranks together) holds sample ``perm_e[g]`` augmented under
+its own seed ``f(stream seed, e, g)``. Rank ``r`` of ``W`` takes positions ``r, r + W, ...``,
+so with per-rank batch ``b`` the union of the ranks' ``k``-th batches is the ``k``-th batch of
+one process with batch ``W * b``: same images, same augmentations. The batch at step ``k`` is a
+pure function of the seed, ``k``, ``b`` and ``W``: it does not depend on the number of data
+workers, and a resumed run continues exactly where the stopped one was.
+
+An exception raised while loading a sample in a data worker is re-raised in the training
+process with its own type and message first (the worker's traceback is attached as a note).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+import random
+from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["StreamSampler", "SeededAugmentation", "make_stream"]
+__all__ = ["StreamSampler", "SeededAugmentation", "Stream", "make_stream", "sample_seed"]
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -25,32 +33,50 @@ def _seed(*parts: int) -> int:
     return value
 
 
-class StreamSampler(Sampler):
-    """Yields ``(index, augmentation seed)`` forever; rank ``r`` of ``w`` takes every w-th item.
+def sample_seed(stream_seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of global ``position`` in ``epoch`` of a stream."""
+    return _seed(stream_seed, epoch, position)
 
-    ``start`` is the number of samples this rank has already consumed (for resuming).
+
+class StreamSampler(Sampler):
+    """Yields ``(index, augmentation seed)`` forever; rank ``r`` of ``w`` takes every w-th position.
+
+    Each epoch is a seeded permutation cut to ``w * (size // w)`` positions, so every rank gets
+    the same number per epoch. ``start`` is the number of samples this rank has already
+    consumed (for resuming).
     """
 
-    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+    def __init__(self, size: int, *, seed: int, rank: int = 0, world_size: int = 1, start: int = 0,
+                 name: str = "dataset") -> None:
         if size < 1:
-            raise ValueError("cannot stream an empty dataset")
+            raise ValueError(f"the {name} split is empty: cannot train on a split without images")
+        if size < world_size:
+            raise ValueError(
+                f"the {name} split has {size} image(s), fewer than the {world_size} training processes: "
+                "every process needs at least one; add images or start fewer processes"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
         self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
-        self.per_rank = max(1, size // world_size)
+        self.per_rank = size // world_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.per_rank)
         while True:
             generator = torch.Generator().manual_seed(_seed(self.seed, epoch))
-            order = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size][: self.per_rank]
+            order = torch.randperm(self.size, generator=generator).tolist()
             for position in range(offset, self.per_rank):
-                yield int(order[position]), _seed(self.seed, epoch, position, self.rank)
+                g = position * self.world_size + self.rank
+                yield order[g], sample_seed(self.seed, epoch, g)
             epoch, offset = epoch + 1, 0
 
 
 class SeededAugmentation(Dataset):
     """Wraps a dataset so that ``ds[(index, seed)]`` augments under its own RNG seed.
 
-    The global torch RNG is forked, so the caller's random state is left untouched.
+    The torch, NumPy and Python RNGs are all seeded from ``seed`` for the duration of the call
+    and restored afterwards, so the caller's random state is left untouched and the result
+    does not depend on the process (main or worker) that loads the sample.
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -61,9 +87,16 @@ class SeededAugmentation(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         index, seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.dataset[index]
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % (1 << 32))
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -71,6 +104,63 @@ def _collate(samples: list[dict]) -> dict:
     if "mask" in samples[0]:
         batch["mask"] = torch.stack([s["mask"] for s in samples])
     return batch
+
+
+def _original_message(exc: BaseException) -> Optional[str]:
+    """The message of the exception a DataLoader worker raised, cut from its re-raised text."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return None
+    name = type(exc).__name__
+    for marker in (f"\n{type(exc).__module__}.{type(exc).__qualname__}: ", f"\n{name}: ", f".{name}: "):
+        at = text.rfind(marker)
+        if at >= 0:
+            return text[at + len(marker):].strip()
+    return None
+
+
+class Stream:
+    """An infinite iterator of batches that knows how many batches it has handed out."""
+
+    def __init__(self, loader: DataLoader, *, name: str, start_batch: int) -> None:
+        self.loader, self.name, self.batches = loader, name, start_batch
+        self._iterator = iter(loader)
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> dict:
+        try:
+            batch = next(self._iterator)
+        except Exception as exc:
+            raise self._surface(exc) from exc
+        self.batches += 1
+        return batch
+
+    def _surface(self, exc: Exception) -> Exception:
+        original = _original_message(exc)
+        if original is not None:  # a worker raised: same type, its own message first
+            try:
+                clean = type(exc)(original)
+            except Exception:
+                return exc
+            if hasattr(clean, "add_note"):
+                clean.add_note(f"raised in a data worker of the {self.name} stream; {str(exc).splitlines()[0]}\n"
+                               + "\n".join(str(exc).splitlines()[1:]))
+            return clean
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and "DataLoader worker" in text:  # killed, out of memory, ...
+            return RuntimeError(
+                f"a data worker of the {self.name} stream died without raising an exception ({text}); it may have "
+                "been killed (out of memory?) or crashed in native code. Rerun with data.num_workers=0 to load "
+                "the samples in the main process and see the error there"
+            )
+        return exc
+
+    def close(self) -> None:
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def make_stream(
@@ -83,9 +173,17 @@ def make_stream(
     start_batch: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
-) -> Iterator[dict]:
-    """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "name": [...]}``."""
-    sampler = StreamSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_batch * batch_size)
+    name: str = "dataset",
+) -> Stream:
+    """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "name": [...]}``.
+
+    ``start_batch`` batches of this rank are skipped (already consumed by a resumed run).
+    Building the stream does not touch the global RNGs.
+    """
+    if batch_size < 1:
+        raise ValueError(f"the {name} batch size must be >= 1, got {batch_size}")
+    sampler = StreamSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_batch * batch_size,
+                            name=name)
     loader = DataLoader(
         SeededAugmentation(dataset),
         batch_size=batch_size,
@@ -95,5 +193,7 @@ def make_stream(
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=True,
+        # the loader draws its workers' base seed from this generator, not the global RNG
+        generator=torch.Generator().manual_seed(_seed(seed, rank, 7)),
     )
-    return iter(loader)
+    return Stream(loader, name=name, start_batch=start_batch)
