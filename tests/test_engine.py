@@ -206,3 +206,19 @@ def test_scoring_predict_output_equals_model_evaluation(trained_run: Path, tmp_p
 
 def test_exponent_floats_without_a_dot_are_numbers() -> None:
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
+
+
+def test_confidence_threshold_masks_the_pixel_consistency() -> None:
+    cfg, model, images, labels, unlabeled = _tiny_setup("cl")
+    teacher = MeanTeacher(model, 0.9)
+    masks = BoxMaskGenerator(cfg.method.n_boxes)
+
+    def loss_c(confidence):
+        cfg.method.confidence = confidence
+        model.eval()  # deterministic forward passes
+        _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
+                                mask_generator=masks, generator=torch.Generator().manual_seed(3))
+        return float(terms["loss_c"])
+
+    assert loss_c(0.0) == pytest.approx(loss_c(None))  # every top probability exceeds 0
+    assert loss_c(1.0) == 0.0  # no pixel is that confident: the term is empty

@@ -135,6 +135,7 @@ class MethodConfig:
     relax_window: int = 3  # boundary label relaxation window w (1 = plain CE)
     rampup_iters: int = 0  # sigmoid ramp-up of the unlabeled weight (0 = none, as in the paper)
     unlabeled_start: int = 0  # iterations of supervised warm-up before the unlabeled terms start
+    confidence: Optional[float] = None  # L_c only where the teacher's top probability exceeds this (None: everywhere, as the paper)
 
 
 @dataclass

@@ -9,6 +9,7 @@ al.) and ``scl`` (+ L_sc, the paper).
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Optional
 
@@ -74,7 +75,8 @@ def compute_loss(
     probs_s = logits_m.float().softmax(dim=1)
 
     loss_x = relaxed_boundary_loss(logits_x, labels, window=method.relax_window, ignore_index=ignore_index)
-    loss_c = consistency_loss(probs_s, target)
+    confident = None if method.confidence is None else target.amax(dim=1) > method.confidence
+    loss_c = consistency_loss(probs_s, target, confident)
     loss = loss_x + weight * method.lambda_c * loss_c
     terms = {"loss_x": loss_x.detach(), "loss_c": loss_c.detach()}
     if method.name == "scl":
@@ -118,8 +120,6 @@ def train_step(
     passes under autocast; the loss and the returned terms are float32 (averaged over the
     micro-batches). ``scaler`` (fp16) scales the loss and skips steps with non-finite gradients.
     """
-    import warnings
-
     micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
     if unlabeled_batch is None:
         umicro: list[Optional[dict]] = [None] * len(micro)
