@@ -165,6 +165,8 @@ def sync(device: torch.device) -> None:
 def fmt_bytes(n: Optional[float]) -> str:
     if n is None:
         return "n/a"
+    if n >= 1024**4:
+        return f"{n / 1024**4:.1f} TiB"
     if n >= 1024**3:
         return f"{n / 1024**3:.2f} GiB"
     return f"{n / 1024**2:.1f} MiB"
@@ -369,8 +371,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sizes", type=parse_sizes, default=parse_sizes("128x256,256x512,512x1024,1024x2048"))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--classes", type=int, default=19)
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds per size (after the warm-up)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per case before timing")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per case before timing")
     parser.add_argument("--n-boxes", type=int, default=32)
     parser.add_argument("--last-boxes", type=int, default=16)
     parser.add_argument("--max-pairs", type=int, default=9000)
@@ -380,12 +382,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         default=None,
         help="memory budget for dense Eq. 6 (default: half the available RAM on CPU, 80%% of free GPU memory)",
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.classes < 2:
         parser.error("need --repeats >= 1, --warmup >= 0, --batch >= 1, --classes >= 2")
 
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     device = torch.device(args.device)
@@ -482,6 +489,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "dtype": "float32",
                 "dense_budget_bytes": dense_budget,
                 "dense_matrices_estimate": DENSE_MATRICES,
+                "threads": torch.get_num_threads(),
                 "seed": args.seed,
             },
             "results": results,

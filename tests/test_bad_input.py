@@ -22,22 +22,9 @@ from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.engine.stream import make_stream
 from sclseg.engine.trainer import Trainer
+from tiny_config import TINY
 
-TINY = [
-    "data.digits.image_size=32",
-    "data.digits.n_train=40",
-    "data.digits.n_val=6",
-    "data.digits.n_test=6",
-    "data.digits.n_labeled=8",
-    "data.digits.digit_scale=[3,3]",
-    "data.crop_size=[32,32]",
-    "data.batch_size=4",
-    "data.unlabeled_batch_size=4",
-    "model.width=8",
-    "train.threads=1",
-    "method.rampup_iters=0",
-    "train.eval_interval=100",
-]
+TINY = [*TINY, "train.eval_interval=100"]
 
 
 def _folder(root: Path, n: int = 2) -> Path:

@@ -36,21 +36,8 @@ from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.step import train_step
 from sclseg.engine.trainer import Trainer
 from sclseg.teacher import MeanTeacher
+from tiny_config import TINY
 
-TINY = [
-    "data.digits.image_size=32",
-    "data.digits.n_train=40",
-    "data.digits.n_val=6",
-    "data.digits.n_test=6",
-    "data.digits.n_labeled=8",
-    "data.digits.digit_scale=[3,3]",
-    "data.crop_size=[32,32]",
-    "data.batch_size=4",
-    "data.unlabeled_batch_size=4",
-    "model.width=8",
-    "train.threads=1",
-    "method.rampup_iters=0",
-]
 # lr 0.01: at the default 0.05 this tiny network is so ill-conditioned by step 3 that one process
 # with 1 thread and with 2 threads already differ by 4e-4 in the gradients (float rounding, amplified)
 DDP = [*TINY, "method.name=supervised", "data.scale_range=[1.0,1.25]", "optim.lr=0.01", "train.iterations=4",

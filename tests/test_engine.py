@@ -20,24 +20,14 @@ from sclseg.engine.step import compute_loss, unlabeled_weight
 from sclseg.metrics import ConfusionMatrix
 from sclseg.models import create_model
 from sclseg.teacher import MeanTeacher
+from tiny_config import TINY as SHARED_TINY
 
 TINY = [
-    "data.digits.image_size=32",
-    "data.digits.n_train=40",
-    "data.digits.n_val=6",
-    "data.digits.n_test=6",
-    "data.digits.n_labeled=8",
-    "data.digits.digit_scale=[3,3]",
-    "data.crop_size=[32,32]",
-    "data.batch_size=4",
-    "data.unlabeled_batch_size=4",
-    "model.width=8",
+    *SHARED_TINY,
     "train.iterations=4",
     "train.eval_interval=2",
     "train.log_interval=2",
     "train.checkpoint_interval=2",
-    "train.threads=1",
-    "method.rampup_iters=0",
 ]
 
 
@@ -222,3 +212,11 @@ def test_confidence_threshold_masks_the_pixel_consistency() -> None:
 
     assert loss_c(0.0) == pytest.approx(loss_c(None))  # every top probability exceeds 0
     assert loss_c(1.0) == 0.0  # no pixel is that confident: the term is empty
+
+
+def test_dry_run_builds_everything_and_runs_one_step(tmp_path: Path) -> None:
+    assert main(["train", "digits/default", "--out", str(tmp_path / "r"), "--dry-run", *TINY]) == 0
+    run = tmp_path / "r" / "dry_run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train"] and records[0]["iteration"] == 1
+    assert "loss_sc" in records[0]

@@ -30,21 +30,8 @@ from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.engine.stream import make_stream
 from sclseg.engine.trainer import Trainer
+from tiny_config import TINY
 
-TINY = [
-    "data.digits.image_size=32",
-    "data.digits.n_train=40",
-    "data.digits.n_val=6",
-    "data.digits.n_test=6",
-    "data.digits.n_labeled=8",
-    "data.digits.digit_scale=[3,3]",
-    "data.crop_size=[32,32]",
-    "data.batch_size=4",
-    "data.unlabeled_batch_size=4",
-    "model.width=8",
-    "train.threads=1",
-    "method.rampup_iters=0",
-]
 # scl with few boxes and few pairs: SCL regions always exceed max_pairs, so pairs are sampled
 SCL = [*TINY, "method.name=scl", "method.n_boxes=4", "method.last_boxes=2", "method.max_pairs=64",
        "train.iterations=6", "train.log_interval=1", "train.checkpoint_interval=3", "train.eval_interval=3"]
