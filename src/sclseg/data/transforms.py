@@ -32,21 +32,24 @@ class TrainTransform:
         ignore_index: int = 255,
     ) -> None:
         lo, hi = scale_range
-        steps: list = [
-            v2.RandomResize(max(1, int(round(lo * base_size))), max(2, int(round(hi * base_size)) + 1)),
-            v2.RandomCrop(
-                list(crop_size),
-                pad_if_needed=True,
-                fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index},
-            ),
-        ]
+        steps: list = []
+        if (lo, hi) != (1.0, 1.0) or base_size != min(crop_size):  # identity geometry: skip resampling
+            steps += [
+                v2.RandomResize(max(1, int(round(lo * base_size))), max(2, int(round(hi * base_size)) + 1)),
+                v2.RandomCrop(
+                    list(crop_size),
+                    pad_if_needed=True,
+                    fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index},
+                ),
+            ]
         if hflip:
             steps.append(v2.RandomHorizontalFlip())
         if color_jitter > 0:
             j = color_jitter
             steps.append(v2.RandomApply([v2.ColorJitter(j, j, j, min(0.5, j / 4))], p=0.8))
         if blur_prob > 0:
-            kernel = max(3, (min(crop_size) // 32) * 2 + 1)
+            # sigma <= 2 px: a 9-tap kernel (+-2 sigma) suffices; larger kernels only cost time
+            kernel = min(9, max(3, (min(crop_size) // 32) * 2 + 1))
             steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_prob))
         self.pipeline = v2.Compose(steps)
 
