@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bench_losses import CpuLoad, machine_info  # noqa: E402
+from bench_losses import CpuLoad, write_json, machine_info  # noqa: E402
 from sclseg.cli import resolve_config_path  # noqa: E402
 from sclseg.config import load_config  # noqa: E402
 
@@ -252,10 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "total_seconds": elapsed,
             "other_cpu_load": others,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
     return 0
 
 

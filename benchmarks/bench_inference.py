@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_losses import CpuLoad, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync  # noqa: E402
+from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync  # noqa: E402
 from sclseg.config import ModelConfig  # noqa: E402
 from sclseg.engine.inference import predict_probs, tile_starts  # noqa: E402
 from sclseg.models import MODEL_NAMES, create_model  # noqa: E402
@@ -202,10 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "total_seconds": elapsed,
             "other_cpu_load": others,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
     return 0
 
 

@@ -104,6 +104,14 @@ def mem_available_bytes() -> Optional[int]:
     return None
 
 
+def write_json(path: str, payload: dict) -> None:
+    """Write a benchmark's JSON result, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "torch": torch.__version__,
@@ -498,11 +506,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "total_seconds": elapsed,
             "other_cpu_load": others,
         }
-        out_dir = os.path.dirname(os.path.abspath(args.out))
-        os.makedirs(out_dir, exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
     return 0
 
 

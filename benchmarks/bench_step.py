@@ -37,7 +37,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -51,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_losses import CpuLoad, fmt_bytes, machine_info, sync  # noqa: E402
+from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, sync  # noqa: E402
 from sclseg.cli import resolve_config_path  # noqa: E402
 from sclseg.config import Config, config_to_dict, load_config  # noqa: E402
 from sclseg.cutmix import BoxMaskGenerator, mix  # noqa: E402
@@ -473,10 +472,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "total_seconds": elapsed,
             "other_cpu_load": others,
         }
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
     return 0
 
 
