@@ -55,6 +55,7 @@ from sclseg.cli import resolve_config_path  # noqa: E402
 from sclseg.config import Config, config_to_dict, load_config  # noqa: E402
 from sclseg.cutmix import BoxMaskGenerator, mix  # noqa: E402
 from sclseg.engine.step import train_step, unlabeled_weight  # noqa: E402
+from sclseg.engine.stream import batch_to_device  # noqa: E402
 from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss  # noqa: E402
 from sclseg.models import create_model  # noqa: E402
 from sclseg.teacher import MeanTeacher  # noqa: E402
@@ -203,14 +204,7 @@ class Setup:
                 stream.close()
 
     def to_device(self, batch: dict) -> dict:  # as Trainer._to_device
-        out = {}
-        for key, value in batch.items():
-            if torch.is_tensor(value):
-                value = value.to(self.device, non_blocking=True)
-                if key == "image" and self.cfg.train.channels_last and value.dim() == 4:
-                    value = value.contiguous(memory_format=torch.channels_last)
-            out[key] = value
-        return out
+        return batch_to_device(batch, self.device, channels_last=self.cfg.train.channels_last)
 
     def fetch(self) -> tuple[dict, Optional[dict]]:
         batch = self.to_device(next(self.labeled))

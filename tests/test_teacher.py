@@ -215,3 +215,12 @@ def test_update_rejects_a_different_model():
     mt = MeanTeacher(make_student())
     with pytest.raises(ValueError, match="different"):
         mt.update(nn.Linear(3, 3))
+
+
+def test_update_follows_a_different_student_object():
+    first, second = make_student(11), make_student(12)
+    mt = MeanTeacher(first, decay=0.5)
+    mt.update(first)  # builds the cached tensor lists for ``first``
+    before, s_state = state64(mt.teacher), state64(second)
+    mt.update(second)  # a new object: the lists must be rebuilt, not reused
+    assert_ema(mt.teacher, before, s_state, 0.5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -36,28 +37,37 @@ class MeanTeacher:
         self.teacher = copy.deepcopy(unwrap(student))
         self.teacher.eval()
         self.teacher.requires_grad_(False)
+        self._cache: Optional[tuple[nn.Module, tuple[list, list, list]]] = None
 
-    def _pairs(self, student: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _pairs(self, student: nn.Module) -> tuple[list, list, list]:
+        """``(teacher floats, student floats, [(teacher, student) others])``, built once per student.
+
+        Parameters and buffers keep their identity across optimizer steps and in-place loads, so
+        the lists are cached for the student module they were built from.
+        """
         source = unwrap(student)
+        if self._cache is not None and self._cache[0] is source:
+            return self._cache[1]
         t_state = dict(self.teacher.named_parameters()) | dict(self.teacher.named_buffers())
         s_state = dict(source.named_parameters()) | dict(source.named_buffers())
         if t_state.keys() != s_state.keys():
             missing = sorted(t_state.keys() ^ s_state.keys())[:5]
             raise ValueError(f"student and teacher have different tensors, e.g. {missing}")
-        return [(t_state[name], s_state[name]) for name in t_state]
+        floats = [name for name in t_state if t_state[name].is_floating_point()]
+        others = [(t_state[n], s_state[n]) for n in t_state if not t_state[n].is_floating_point()]
+        lists = ([t_state[n] for n in floats], [s_state[n] for n in floats], others)
+        self._cache = (source, lists)
+        return lists
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """One EMA step towards ``student`` (which may be wrapped in DDP)."""
-        pairs = self._pairs(student)
-        floats = [(t, s) for t, s in pairs if t.is_floating_point()]
-        if floats:
-            targets = [t for t, _ in floats]
-            sources = [s.detach().to(dtype=t.dtype) for t, s in floats]
+        targets, sources, others = self._pairs(student)
+        if targets:
+            sources = [s.detach().to(dtype=t.dtype) for t, s in zip(targets, sources)]
             torch._foreach_lerp_(targets, sources, 1.0 - self.decay)
-        for t, s in pairs:
-            if not t.is_floating_point():
-                t.copy_(s)
+        for t, s in others:
+            t.copy_(s)
 
     def __call__(self, *args, **kwargs):
         return self.teacher(*args, **kwargs)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["ClassInfo", "SegmentationDataset", "Sample", "palette_array"]
+__all__ = ["ClassInfo", "SegmentationDataset", "Sample", "dataset_root", "palette_array"]
 
 Sample = dict  # {"image": FloatTensor (3, H, W) in [0, 1], "mask": LongTensor (H, W) (labeled only), "name": str}
 JointTransform = Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]]
@@ -32,6 +34,21 @@ def palette_array(classes: Sequence[ClassInfo], ignore_index: int = 255) -> np.n
     if 0 <= ignore_index < 256 and ignore_index >= len(classes):
         palette[ignore_index] = (0, 0, 0)
     return palette
+
+
+def dataset_root(root: Optional[str], name: str, expected: str) -> Path:
+    """``data.root`` as a Path; a clear error when it is unset or missing.
+
+    ``expected`` says what the folder should hold, e.g. ``"images/ and masks/"``.
+    """
+    from sclseg.config import ConfigError
+
+    if root is None:
+        raise ConfigError(f"data.root is required for data.name '{name}' (the folder holding {expected})")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.root {path} not found: expected a folder with {expected}")
+    return path
 
 
 class SegmentationDataset(Dataset):

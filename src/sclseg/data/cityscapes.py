@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from sclseg.config import Config, ConfigError
-from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset
+from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset, dataset_root
 from sclseg.data.folder import read_image, read_label_png
 from sclseg.data.splits import SplitEntry, fraction_split, read_split_dir, resolve_in_root
 
@@ -295,11 +295,7 @@ def build_cityscapes(cfg: Config, *, for_training: bool = True):
     from sclseg.data import DataBundle, training_view
 
     cs = cfg.data.cityscapes
-    if cfg.data.root is None:
-        raise ConfigError("data.root is required for data.name 'cityscapes' (the folder holding leftImg8bit/ and gtFine/)")
-    root = Path(cfg.data.root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} not found: expected the Cityscapes folder with leftImg8bit/ and gtFine/")
+    root = dataset_root(cfg.data.root, "cityscapes", "leftImg8bit/ and gtFine/")
     if cfg.data.ignore_index != IGNORE:
         raise ConfigError(f"data.ignore_index must be {IGNORE} for Cityscapes, got {cfg.data.ignore_index}")
     label_table()  # the extra, before any scanning

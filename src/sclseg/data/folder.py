@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from sclseg.config import Config, ConfigError
-from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset
+from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset, dataset_root
 from sclseg.data.splits import fraction_split
 
 __all__ = [
@@ -220,11 +220,7 @@ def build_folder(cfg: Config, *, for_training: bool = True):
     from sclseg.data import DataBundle, training_view
 
     f = cfg.data.folder
-    if cfg.data.root is None:
-        raise ConfigError("data.root is required for data.name 'folder' (the folder holding images/ and masks/)")
-    root = Path(cfg.data.root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} not found: expected a folder with images/ and masks/")
+    root = dataset_root(cfg.data.root, "folder", "images/ and masks/")
     classes = folder_classes(f.classes, f.colors)
     if 0 <= f.ignore_value < len(classes):
         raise ConfigError(f"data.folder.ignore_value {f.ignore_value} is a class index (classes 0..{len(classes) - 1})")

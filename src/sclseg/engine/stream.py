@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["StreamSampler", "SeededAugmentation", "Stream", "make_stream", "sample_seed"]
+__all__ = ["StreamSampler", "SeededAugmentation", "Stream", "batch_to_device", "make_stream", "sample_seed"]
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -197,3 +197,15 @@ def make_stream(
         generator=torch.Generator().manual_seed(_seed(seed, rank, 7)),
     )
     return Stream(loader, name=name, start_batch=start_batch)
+
+
+def batch_to_device(batch: dict, device: torch.device, *, channels_last: bool = False) -> dict:
+    """A stream batch with its tensors on ``device`` (images channels-last on request)."""
+    out = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            if key == "image" and channels_last and value.dim() == 4:
+                value = value.contiguous(memory_format=torch.channels_last)
+        out[key] = value
+    return out

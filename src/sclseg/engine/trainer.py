@@ -55,7 +55,7 @@ from sclseg.engine.checkpoint import (
 )
 from sclseg.engine.evaluate import evaluate_model
 from sclseg.engine.step import train_step, unlabeled_weight
-from sclseg.engine.stream import make_stream
+from sclseg.engine.stream import batch_to_device, make_stream
 from sclseg.models import create_model
 from sclseg.teacher import MeanTeacher, unwrap
 
@@ -500,14 +500,7 @@ class Trainer:
         return labeled, unlabeled
 
     def _to_device(self, batch: dict) -> dict:
-        out = {}
-        for key, value in batch.items():
-            if torch.is_tensor(value):
-                value = value.to(self.device, non_blocking=True)
-                if key == "image" and self.cfg.train.channels_last and value.dim() == 4:
-                    value = value.contiguous(memory_format=torch.channels_last)
-            out[key] = value
-        return out
+        return batch_to_device(batch, self.device, channels_last=self.cfg.train.channels_last)
 
     def _resume_command(self) -> str:
         config = self.out_dir / "config.yaml"
