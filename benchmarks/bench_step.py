@@ -266,7 +266,7 @@ def instrumented_step(s: Setup, timer: Timer, weight: float) -> None:
             with timer("loss_sc"), s.autocast():
                 loss_sc = structured_consistency_loss(probs_s, target, owner, n_boxes=method.n_boxes,
                                                       last_boxes=method.last_boxes, max_pairs=method.max_pairs,
-                                                      generator=s.generator)
+                                                      generator=s.generator, sampling=method.pair_sampling)
             loss = loss + weight * method.lambda_sc * loss_sc
         with timer("loss_bwd"):
             (s.scaler.scale(loss.float()) if s.scaler else loss.float()).backward()

@@ -322,7 +322,8 @@ def test_scl_all_regions_empty_is_zero_and_differentiable(max_pairs, fill):
     assert s.grad is not None and torch.equal(s.grad, torch.zeros_like(s))
 
 
-def test_scl_sampled_mean_converges_to_exact():
+@pytest.mark.parametrize("sampling", ["pairs", "pixels"])
+def test_scl_sampled_mean_converges_to_exact(sampling):
     # region 0 (box 2): 2 pixels, 4 pairs <= max_pairs -> exact; region 1 (box 3): 10 pixels,
     # 100 pairs > max_pairs -> estimated from 5 random pairs
     n_boxes, last_boxes, max_pairs = 4, 2, 5
@@ -337,7 +338,7 @@ def test_scl_sampled_mean_converges_to_exact():
     values = torch.tensor(
         [
             structured_consistency_loss(
-                s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=g
+                s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=g, sampling=sampling
             ).item()
             for _ in range(draws)
         ],
@@ -347,12 +348,13 @@ def test_scl_sampled_mean_converges_to_exact():
     assert se > 0  # it really samples
     assert abs(values.mean().item() - exact) < 4.5 * se + 1e-6, (values.mean().item(), exact, se)
     # the same seed gives the same estimate
-    kw = dict(n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs)
+    kw = dict(n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, sampling=sampling)
     a = structured_consistency_loss(s, t, owner, generator=gen(5), **kw)
     assert torch.equal(a, structured_consistency_loss(s, t, owner, generator=gen(5), **kw))
 
 
-def test_scl_sampled_mode_many_regions_unbiased():
+@pytest.mark.parametrize("sampling", ["pairs", "pixels"])
+def test_scl_sampled_mode_many_regions_unbiased(sampling):
     # a realistic owner map with several sampled regions at once, B = 2
     n_boxes, last_boxes, max_pairs = 8, 4, 6
     owner = BoxMaskGenerator(n_boxes=n_boxes)(2, 6, 6, gen(3))
@@ -363,7 +365,7 @@ def test_scl_sampled_mode_many_regions_unbiased():
     values = torch.tensor(
         [
             structured_consistency_loss(
-                s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=g
+                s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=g, sampling=sampling
             ).item()
             for _ in range(1500)
         ],
@@ -374,7 +376,8 @@ def test_scl_sampled_mode_many_regions_unbiased():
     assert abs(values.mean().item() - exact) < 4.5 * se + 1e-6, (values.mean().item(), exact, se)
 
 
-def test_scl_small_regions_exact_in_sampled_mode():
+@pytest.mark.parametrize("sampling", ["pairs", "pixels"])
+def test_scl_small_regions_exact_in_sampled_mode(sampling):
     # every counted region has |T| <= 3, so |T|^2 <= max_pairs = 9 < HW^2: exact, seed-independent
     s, t = probs((2, 3, 6, 6), 94), probs((2, 3, 6, 6), 95)
     owner = torch.full((2, 6, 6), -1, dtype=torch.long)
@@ -385,7 +388,7 @@ def test_scl_small_regions_exact_in_sampled_mode():
     owner[1, 5, 0] = 4
     expected = ref_scl(s, t, owner, 8, 4)
     values = [
-        structured_consistency_loss(s, t, owner, n_boxes=8, last_boxes=4, max_pairs=9, generator=gen(k)).item()
+        structured_consistency_loss(s, t, owner, n_boxes=8, last_boxes=4, max_pairs=9, generator=gen(k), sampling=sampling).item()
         for k in range(6)
     ]
     for v in values:
@@ -393,7 +396,8 @@ def test_scl_small_regions_exact_in_sampled_mode():
     assert max(values) - min(values) < 1e-6
 
 
-def test_scl_mixed_exact_and_sampled_regions():
+@pytest.mark.parametrize("sampling", ["pairs", "pixels"])
+def test_scl_mixed_exact_and_sampled_regions(sampling):
     # region A: 3 pixels (|T|^2 = 9 = max_pairs) -> exact; region B: 4 pixels (16 > 9) -> sampled,
     # but student == teacher inside B, so every sampled gap is 0; the loss is exact_A / 2 for any seed
     s, t = probs((1, 3, 5, 5), 96), probs((1, 3, 5, 5), 97)
@@ -404,23 +408,23 @@ def test_scl_mixed_exact_and_sampled_regions():
     regions = ref_region_losses(s, t, owner, 2, 2)
     assert regions[(0, 1)] == pytest.approx(0.0, abs=1e-12) and regions[(0, 0)] > 1e-3
     for k in range(4):
-        out = structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=9, generator=gen(k))
+        out = structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=9, generator=gen(k), sampling=sampling)
         assert out.item() == pytest.approx(regions[(0, 0)] / 2, rel=1e-4, abs=1e-6)
     # with max_pairs = 8, region A (9 pairs > 8) is sampled too and the loss varies with the seed
     vals = {
-        structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=8, generator=gen(k)).item()
+        structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=8, generator=gen(k), sampling=sampling).item()
         for k in range(6)
     }
     assert len(vals) > 1
 
 
-@pytest.mark.parametrize("max_pairs", [None, 20])
-def test_scl_gradients_reach_student(max_pairs):
+@pytest.mark.parametrize("max_pairs, sampling", [(None, "pairs"), (20, "pairs"), (20, "pixels")])
+def test_scl_gradients_reach_student(max_pairs, sampling):
     n_boxes, last_boxes = 8, 4
     owner = BoxMaskGenerator(n_boxes=n_boxes)(2, 6, 7, gen(4))
     s = probs((2, 3, 6, 7), 110).requires_grad_()
     t = probs((2, 3, 6, 7), 111)
-    out = structured_consistency_loss(s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=gen(0))
+    out = structured_consistency_loss(s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=gen(0), sampling=sampling)
     out.backward()
     assert torch.isfinite(s.grad).all()
     counted = (owner >= n_boxes - last_boxes)[:, None].expand_as(s)
@@ -636,6 +640,8 @@ def test_consistency_bad_input(s, t, mask, name):
         (_z(P), _z(P), _z((2, 4, 4), dtype=torch.long), dict(n_boxes=0, last_boxes=1), "n_boxes"),
         (_z(P), _z(P), _z((2, 4, 4), dtype=torch.long), dict(max_pairs=0), "max_pairs"),
         (_z(P), _z(P), _z((2, 4, 4), dtype=torch.long), dict(max_pairs=-5), "max_pairs"),
+        (_z(P), _z(P), _z((2, 4, 4), dtype=torch.long), dict(sampling="boxes"), "sampling"),
+        (_z(P), _z(P), _z((2, 4, 4), dtype=torch.long), dict(max_pairs=3, sampling="pixels"), "max_pairs"),
     ],
 )
 def test_scl_bad_input(s, t, owner, kw, name):

@@ -129,6 +129,7 @@ class MethodConfig:
     box_area: float = 0.5
     last_boxes: int = 16  # N_box
     max_pairs: Optional[int] = 9000  # N_pair
+    pair_sampling: Literal["pairs", "pixels"] = "pairs"  # how L_sc estimates regions with more than N_pair pairs (see losses)
     lambda_c: float = 20.0
     lambda_sc: float = 3.0
     ema_decay: float = 0.999

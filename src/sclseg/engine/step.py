@@ -88,6 +88,7 @@ def compute_loss(
             last_boxes=method.last_boxes,
             max_pairs=method.max_pairs,
             generator=generator,
+            sampling=method.pair_sampling,
         )
         loss = loss + weight * method.lambda_sc * loss_sc
         terms["loss_sc"] = loss_sc.detach()

@@ -90,7 +90,7 @@ class SeededAugmentation(Dataset):
         py_state, np_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
                 random.seed(seed)
                 np.random.seed(seed % (1 << 32))
                 return self.dataset[index]
