@@ -220,3 +220,22 @@ def test_dry_run_builds_everything_and_runs_one_step(tmp_path: Path) -> None:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train"] and records[0]["iteration"] == 1
     assert "loss_sc" in records[0]
+
+
+def test_pair_sampling_reaches_the_structured_loss() -> None:
+    cfg, model, images, labels, unlabeled = _tiny_setup("scl")
+    teacher = MeanTeacher(model, 0.9)
+    cfg.method.max_pairs = 4  # every region larger than 2 pixels is sampled
+    masks = BoxMaskGenerator(cfg.method.n_boxes)
+    model.eval()
+
+    def loss_sc(sampling: str) -> float:
+        cfg.method.pair_sampling = sampling
+        _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
+                                mask_generator=masks, generator=torch.Generator().manual_seed(3))
+        return float(terms["loss_sc"])
+
+    pairs, pixels = loss_sc("pairs"), loss_sc("pixels")
+    assert pairs > 0 and pixels > 0 and pairs != pixels  # the two estimators draw differently
+    with pytest.raises(ConfigError, match="method.pair_sampling"):
+        load_config(None, ["method.pair_sampling=boxes"])
