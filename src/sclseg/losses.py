@@ -135,6 +135,10 @@ def structured_consistency_loss(
       all ``k (k - 1)`` ordered pairs of distinct draws (a U-statistic, unbiased too). Reads
       ``k`` pixel vectors per region (94 instead of 18,000 for N_pair = 9000), so it costs
       next to nothing at any image size; its variance is higher, as the pairs share pixels.
+      A draw paired with itself is left to the Gram sums, where it adds
+      ``(a^s_ii - a^t_ii)^2``: 0 for non-zero vectors (probabilities always are), so the
+      estimate is unbiased for them; an all-zero vector in one map only would add
+      ``1 / (k - 1)`` of the regions' mean diagonal gap.
 
     Args:
         student_probs, teacher_probs: ``(B, C, H, W)`` probabilities (or any non-negative maps).
@@ -223,7 +227,7 @@ def structured_consistency_loss(
         return torch.einsum("bcnp,bdnp->bncd", x, y).pow(2).sum(dim=(2, 3))
 
     pair_sum = frob2(q, q) - 2.0 * frob2(q, r) + frob2(r, r)  # (B, N)
-    # a draw paired with itself adds (1 - 1)^2 = 0: the sum is over the k (k - 1) distinct draws
+    # a draw paired with itself adds (1 - 1)^2 = 0 (non-zero vectors): the k (k - 1) distinct pairs remain
     pairs = torch.where(exact, denom * denom, rank.numel() * (rank.numel() - 1)) if by_pixels else denom * denom
     region_loss = pair_sum / pairs.clamp_min(1).float()
 
