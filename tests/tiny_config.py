@@ -1,7 +1,8 @@
 """Overrides that shrink the packaged digits config to a run of seconds, shared by the tests.
 
 The unlabeled terms start at step 0 (the packaged config warms up for 400 steps), so that a
-few steps exercise CutMix, L_c and L_sc.
+few steps exercise CutMix, L_c and L_sc. Data load in the main process; the tests that
+concern workers set ``data.num_workers`` themselves.
 """
 
 TINY = [
@@ -16,6 +17,7 @@ TINY = [
     "data.unlabeled_batch_size=4",
     "model.width=8",
     "train.threads=1",
+    "data.num_workers=0",  # the packaged config's worker per stream only costs start-up time here
     "method.rampup_iters=0",
     "method.unlabeled_start=0",
 ]
