@@ -245,39 +245,16 @@ def bench_size(args, device: torch.device, height: int, width: int, dense_budget
     coarse = torch.randint(0, classes, (batch, 1, math.ceil(height / 16), math.ceil(width / 16)), generator=cpu_gen)
     target = coarse.repeat_interleave(16, 2).repeat_interleave(16, 3)[:, 0, :height, :width].contiguous().to(device)
 
+    def scl(**kw) -> Callable[[], torch.Tensor]:
+        return lambda: structured_consistency_loss(
+            student, teacher, owner, n_boxes=args.n_boxes, last_boxes=args.last_boxes, generator=gen, **kw
+        )
+
     cases: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor]] = {
         "cl": (lambda: consistency_loss(student, teacher), student),
-        "scl": (
-            lambda: structured_consistency_loss(
-                student,
-                teacher,
-                owner,
-                n_boxes=args.n_boxes,
-                last_boxes=args.last_boxes,
-                max_pairs=args.max_pairs,
-                generator=gen,
-            ),
-            student,
-        ),
-        "scl_pixels": (
-            lambda: structured_consistency_loss(
-                student,
-                teacher,
-                owner,
-                n_boxes=args.n_boxes,
-                last_boxes=args.last_boxes,
-                max_pairs=args.max_pairs,
-                generator=gen,
-                sampling="pixels",
-            ),
-            student,
-        ),
-        "scl_exact": (
-            lambda: structured_consistency_loss(
-                student, teacher, owner, n_boxes=args.n_boxes, last_boxes=args.last_boxes, max_pairs=None
-            ),
-            student,
-        ),
+        "scl": (scl(max_pairs=args.max_pairs), student),
+        "scl_pixels": (scl(max_pairs=args.max_pairs, sampling="pixels"), student),
+        "scl_exact": (scl(max_pairs=None), student),
         "scl_dense": (lambda: dense_structured_consistency_loss(student, teacher), student),
         "rbl": (lambda: relaxed_boundary_loss(student_logits, target, window=3), student_logits),
     }
