@@ -138,6 +138,26 @@ def test_the_comparison_detects_a_lost_random_state(reference, data, dropout_mod
         assert_same_state(_final_state(reference, 6), _final_state(out, 6))
 
 
+def test_every_method_reaches_the_end_of_the_warm_up_in_the_same_state(data, dropout_model, tmp_path, monkeypatch):
+    """A supervised run stopped at ``unlabeled_start`` and resumed as scl equals an scl run, bit for bit.
+
+    The scl run from scratch skips its unlabeled batches during the warm-up without loading
+    them: its unlabeled stream opens once, at batch ``unlabeled_start``.
+    """
+    warm = [*SCL, "method.unlabeled_start=3"]
+    opened = []
+    make = trainer_module.make_stream
+    monkeypatch.setattr(trainer_module, "make_stream",
+                        lambda *a, **k: opened.append((k["name"], k["start_batch"])) or make(*a, **k))
+    Trainer(_cfg(*warm), tmp_path / "scl", data=data, show_progress=False).run()
+    assert opened == [("labeled", 0), ("unlabeled", 3)]
+
+    sup = Trainer(_cfg(*warm, "method.name=supervised"), tmp_path / "sup", data=data, show_progress=False)
+    sup.run(until=3)
+    Trainer(_cfg(*warm), tmp_path / "resumed", data=data, show_progress=False, resume=tmp_path / "sup" / "step_3.pt").run()
+    assert_same_state(_final_state(tmp_path / "scl", 6), _final_state(tmp_path / "resumed", 6))
+
+
 def test_streams_give_the_same_batches_with_and_without_workers_and_after_resuming(data) -> None:
     def batches(num_workers: int, start: int, count: int, batch_size: int = 4, **kw):
         stream = make_stream(data.unlabeled, batch_size, seed=5, start_batch=start, num_workers=num_workers, **kw)

@@ -135,7 +135,7 @@ class MethodConfig:
     ema_decay: float = 0.999
     relax_window: int = 3  # boundary label relaxation window w (1 = plain CE)
     rampup_iters: int = 0  # sigmoid ramp-up of the unlabeled weight (0 = none, as in the paper)
-    unlabeled_start: int = 0  # iterations of supervised warm-up before the unlabeled terms start
+    unlabeled_start: int = 0  # supervised warm-up steps before the unlabeled terms start (their unlabeled batches are skipped, not loaded)
     confidence: Optional[float] = None  # L_c only where the teacher's top probability exceeds this (None: everywhere, as the paper)
 
 

@@ -4,11 +4,18 @@ Each method trains the packaged ``digits/default`` config with the same seed, da
 budget; each is then scored on the held-out test scenes (teacher/EMA weights, whole-image
 inference). Writes ``summary.json``, ``summary.md`` and ``comparison.png`` (image |
 supervised | cl | scl | ground truth, as in the paper's Fig. 5).
+
+Before ``method.unlabeled_start`` every method takes the same supervised steps (the trainer
+skips the unused unlabeled batches without loading them), so their states there are equal bit
+for bit. The demo trains that warm-up once per seed: the first method's run stops there, a copy of its
+folder (checkpoint, metrics, TensorBoard scalars) seeds each other method's folder, which
+resumes from it, and the first run goes on.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -50,24 +57,39 @@ def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str]
     started = time.perf_counter()
     data = build_data(base)  # the same scenes and labeled subset for every run
     test = data.eval_splits["test"]
-    runs: dict[str, dict] = {}
+    warm_up = base.method.unlabeled_start if len(methods) > 1 and base.method.unlabeled_start < base.train.iterations else 0
+    scores: dict[str, list[float]] = {method: [] for method in methods}
     last_models = {}
-    for method in methods:
-        scores = []
-        for seed in seeds:
+    for seed in seeds:
+        snapshot = out / f"warmup_seed{seed}"  # the run folder at the end of the shared warm-up
+        shutil.rmtree(snapshot, ignore_errors=True)
+        for index, method in enumerate(methods):
             cfg = load_config(config_path, [*overrides, f"method.name={method}", f"train.seed={seed}"])
-            trainer = Trainer(cfg, out / f"{method}_seed{seed}", data=data)
+            run_dir = out / f"{method}_seed{seed}"
+            from_warm_up = index > 0 and warm_up > 0
+            if from_warm_up:
+                shutil.rmtree(run_dir, ignore_errors=True)  # an earlier demo's run
+                shutil.copytree(snapshot, run_dir)
+                (run_dir / "config.yaml").unlink()  # the resumed run writes its own
+            trainer = Trainer(cfg, run_dir, data=data, resume=from_warm_up)
+            if index == 0 and warm_up > 0:
+                trainer.run(until=warm_up)
+                shutil.copytree(run_dir, snapshot)
             trainer.run()
             model = trainer.mean_teacher.teacher if cfg.eval.use_teacher else trainer.student
             result = evaluate_model(model, test, cfg.eval, device=trainer.device)
             (trainer.out_dir / "eval_test.json").write_text(json.dumps(result, indent=2))
-            scores.append(result["miou"])
+            scores[method].append(result["miou"])
             last_models[method] = model.cpu().eval()
-        runs[method] = {
-            "miou": statistics.fmean(scores),
-            "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "per_seed": dict(zip(map(str, seeds), scores)),
+        shutil.rmtree(snapshot, ignore_errors=True)
+    runs = {
+        method: {
+            "miou": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": dict(zip(map(str, seeds), values)),
         }
+        for method, values in scores.items()
+    }
     summary = {
         "runs": runs,
         "split": "test",
@@ -78,6 +100,7 @@ def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str]
         "labeled_scenes": len(data.labeled),
         "unlabeled_scenes": len(data.unlabeled) if data.unlabeled is not None else 0,
         "iterations": base.train.iterations,
+        "shared_warm_up": warm_up,
         "seconds": time.perf_counter() - started,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

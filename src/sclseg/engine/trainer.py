@@ -481,23 +481,14 @@ class Trainer:
             step=step + 1, checkpoint=last,
         )
 
-    def _streams(self):
+    def _stream(self, role: str):
+        """The ``labeled`` or ``unlabeled`` stream, from this run's position in it."""
         cfg = self.cfg
-        kwargs = dict(
-            rank=self.rank,
-            world_size=self.world,
-            num_workers=cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
-        labeled = make_stream(self.data.labeled, cfg.data.batch_size, seed=cfg.train.seed * 2 + 1,
-                              start_batch=self.stream_positions["labeled"], name="labeled", **kwargs)
-        unlabeled = None
-        if cfg.method.name != "supervised":
-            if self.data.unlabeled is None:
-                raise ConfigError(f"method.name '{cfg.method.name}' needs unlabeled images but the data has none")
-            unlabeled = make_stream(self.data.unlabeled, cfg.data.unlabeled_batch_size, seed=cfg.train.seed * 2 + 2,
-                                    start_batch=self.stream_positions["unlabeled"], name="unlabeled", **kwargs)
-        return labeled, unlabeled
+        dataset = self.data.labeled if role == "labeled" else self.data.unlabeled
+        batch_size = cfg.data.batch_size if role == "labeled" else cfg.data.unlabeled_batch_size
+        return make_stream(dataset, batch_size, seed=cfg.train.seed * 2 + (1 if role == "labeled" else 2),
+                           start_batch=self.stream_positions[role], name=role, rank=self.rank, world_size=self.world,
+                           num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
 
     def _to_device(self, batch: dict) -> dict:
         return batch_to_device(batch, self.device, channels_last=self.cfg.train.channels_last)
@@ -533,15 +524,24 @@ class Trainer:
         last_eval: Optional[dict] = None
         accum = t.grad_accum
         try:
-            labeled, unlabeled = self._streams()
+            if cfg.method.name != "supervised" and self.data.unlabeled is None:
+                raise ConfigError(f"method.name '{cfg.method.name}' needs unlabeled images but the data has none")
+            labeled = self._stream("labeled")
             if self.show_progress:
                 from tqdm import tqdm
 
                 progress = tqdm(total=t.iterations, initial=self.iteration, desc=cfg.method.name, dynamic_ncols=True)
             while self.iteration < stop_at:
                 batches = [self._to_device(next(labeled)) for _ in range(accum)]
-                ubatches = [self._to_device(next(unlabeled)) for _ in range(accum)] if unlabeled is not None else None
                 weight = unlabeled_weight(cfg.method, self.iteration)
+                # step k always goes with unlabeled batches k*accum...: a step that does not use them
+                # (weight 0: supervised, warm-up) skips them unloaded, so every method reaches step
+                # `unlabeled_start` in the same state and the unlabeled batches do not depend on it
+                ubatches = None
+                if weight > 0.0:
+                    if unlabeled is None:
+                        unlabeled = self._stream("unlabeled")
+                    ubatches = [self._to_device(next(unlabeled)) for _ in range(accum)]
                 lr = self.optimizer.param_groups[0]["lr"]
                 terms = train_step(
                     self.student,
@@ -566,7 +566,8 @@ class Trainer:
                 steps_in_window += 1
                 self.iteration += 1
                 self.stream_positions = {"labeled": labeled.batches,
-                                         "unlabeled": unlabeled.batches if unlabeled is not None else 0}
+                                         "unlabeled": self.stream_positions["unlabeled"] + accum
+                                         if ubatches is None else unlabeled.batches}
                 if progress is not None:
                     progress.update(1)
 
