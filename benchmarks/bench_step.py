@@ -54,6 +54,7 @@ from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, sync  # n
 from sclseg.cli import resolve_config_path  # noqa: E402
 from sclseg.config import Config, config_to_dict, load_config  # noqa: E402
 from sclseg.cutmix import BoxMaskGenerator, mix  # noqa: E402
+from sclseg.engine.optim import build_optimizer  # noqa: E402
 from sclseg.engine.step import train_step, unlabeled_weight  # noqa: E402
 from sclseg.engine.stream import batch_to_device  # noqa: E402
 from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss  # noqa: E402
@@ -165,11 +166,7 @@ class Setup:
         if t.compile:
             model = torch.compile(model)
         self.student = model
-        o = cfg.optim
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay, nesterov=o.nesterov)
-        total = t.iterations
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: max(0.0, 1.0 - it / total) ** o.poly_power)
+        self.optimizer, self.scheduler = build_optimizer(model.parameters(), cfg.optim, t.iterations)
         self.mask_generator = BoxMaskGenerator(cfg.method.n_boxes, cfg.method.box_area)
         self.generator = torch.Generator(device=device).manual_seed(t.seed + 1)
         self.amp_dtype = _AMP[t.amp]

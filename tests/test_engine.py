@@ -16,6 +16,7 @@ from sclseg.config import ConfigError, load_config
 from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import build_data
 from sclseg.data.digits import DIGIT_CLASSES
+from sclseg.engine.optim import build_optimizer
 from sclseg.engine.step import compute_loss, unlabeled_weight
 from sclseg.metrics import ConfusionMatrix
 from sclseg.models import create_model
@@ -149,6 +150,33 @@ def test_unlabeled_weight_warm_up_and_ramp() -> None:
     assert unlabeled_weight(cfg.method, 500) == 1.0
     cfg.method.name = "supervised"
     assert unlabeled_weight(cfg.method, 500) == 0.0
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_optimizer_matches_the_per_parameter_sgd_bit_for_bit_and_decays_poly(nesterov: bool) -> None:
+    cfg = load_config(None, ["model.width=8", "optim.lr=0.1", "optim.poly_power=0.9", "optim.weight_decay=0.001",
+                             f"optim.nesterov={str(nesterov).lower()}"])
+    torch.manual_seed(0)
+    ours, plain = create_model(cfg.model, 11), create_model(cfg.model, 11)
+    plain.load_state_dict(ours.state_dict())
+    optimizer, scheduler = build_optimizer(ours.parameters(), cfg.optim, iterations=10)
+    o = cfg.optim
+    reference = torch.optim.SGD(plain.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                nesterov=nesterov, foreach=False)
+    generator = torch.Generator().manual_seed(1)
+    lrs = []
+    for step in range(10):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        for group in reference.param_groups:
+            group["lr"] = o.lr * (1 - step / 10) ** 0.9  # poly, worked by hand
+        for a, b in zip(ours.parameters(), plain.parameters()):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        optimizer.step()
+        scheduler.step()
+        reference.step()
+    assert lrs == pytest.approx([0.1 * (1 - k / 10) ** 0.9 for k in range(10)])
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), plain.parameters()))
 
 
 def test_miou_against_a_hand_computed_confusion_matrix() -> None:

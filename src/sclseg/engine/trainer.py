@@ -54,6 +54,7 @@ from sclseg.engine.checkpoint import (
     set_rng_state,
 )
 from sclseg.engine.evaluate import evaluate_model
+from sclseg.engine.optim import build_optimizer
 from sclseg.engine.step import train_step, unlabeled_weight
 from sclseg.engine.stream import batch_to_device, make_stream
 from sclseg.models import create_model
@@ -183,14 +184,7 @@ class Trainer:
         if t.compile:
             model = torch.compile(model)
         self.student = model
-        o = cfg.optim
-        self.optimizer = torch.optim.SGD(
-            model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov
-        )
-        total = t.iterations
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda it: max(0.0, 1.0 - it / total) ** o.poly_power
-        )
+        self.optimizer, self.scheduler = build_optimizer(model.parameters(), cfg.optim, t.iterations)
         self.mask_generator = BoxMaskGenerator(cfg.method.n_boxes, cfg.method.box_area)
         # CutMix boxes and SCL pairs: one generator per rank; the global RNGs (dropout, ...) too
         self.generator = torch.Generator(device=self.device).manual_seed(_rank_seed(t.seed, self.rank, 1))
