@@ -529,8 +529,9 @@ class Trainer:
                 batches = [self._to_device(next(labeled)) for _ in range(accum)]
                 weight = unlabeled_weight(cfg.method, self.iteration)
                 # step k always goes with unlabeled batches k*accum...: a step that does not use them
-                # (weight 0: supervised, warm-up) skips them unloaded, so every method reaches step
-                # `unlabeled_start` in the same state and the unlabeled batches do not depend on it
+                # (weight 0: supervised, warm-up) skips them unloaded. Every method thus reaches step
+                # `unlabeled_start` in the same state, and which batch a step sees does not depend on
+                # the length of the warm-up
                 ubatches = None
                 if weight > 0.0:
                     if unlabeled is None:
