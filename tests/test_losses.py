@@ -491,6 +491,24 @@ def test_relaxed_window1_equals_cross_entropy(seed, ignore_index):
     assert out.item() == pytest.approx(ref_relaxed(logits, target, 1, ignore_index), rel=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_relaxed_window1_is_bitwise_the_masked_logsumexp_of_eq2(seed):
+    """The window=1 shortcut (a gather) against Eq. 2 as the general path computes it."""
+    logits, target = _seg_case(seed, shape=(2, 5, 9, 11))
+    logits.requires_grad_(True)
+    out = relaxed_boundary_loss(logits, target, window=1)
+    (grad,) = torch.autograd.grad(out, logits)
+
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    valid = target != 255
+    present = F.one_hot(torch.where(valid, target, 0), 5).permute(0, 3, 1, 2).bool() | ~valid[:, None]
+    log_probs = F.log_softmax(ref_logits, dim=1)
+    per_pixel = -torch.logsumexp(log_probs.masked_fill(~present, float("-inf")), dim=1)
+    ref = torch.where(valid, per_pixel, torch.zeros_like(per_pixel)).sum() / valid.sum().float()
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert torch.equal(out, ref) and torch.equal(grad, ref_grad)
+
+
 @pytest.mark.parametrize("window", [1, 3, 5])
 @pytest.mark.parametrize("seed", range(3))
 def test_relaxed_matches_loop(window, seed):

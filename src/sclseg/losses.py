@@ -279,11 +279,16 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
         raise ValueError(f"window must be an odd int >= 1, got {window!r}")
     valid = target != ignore_index
     classes = torch.where(valid, target, 0).long()
-    one_hot = torch.zeros_like(logits, dtype=torch.float32)
-    one_hot.scatter_(1, classes[:, None], valid[:, None].float())
-    present = F.max_pool2d(one_hot, window, stride=1, padding=window // 2) > 0 if window > 1 else one_hot > 0
-    present = present | ~valid[:, None]  # keeps ignored pixels finite; they are masked below
     log_probs = F.log_softmax(logits.float(), dim=1)
-    per_pixel = -torch.logsumexp(log_probs.masked_fill(~present, float("-inf")), dim=1)
+    if window == 1:
+        # only the pixel's own class is present: the logsumexp below is its log-probability,
+        # exactly (max + log(exp(0))), so a gather gives the same loss and gradients bit for bit
+        per_pixel = -log_probs.gather(1, classes[:, None]).squeeze(1)
+    else:
+        one_hot = torch.zeros_like(logits, dtype=torch.float32)
+        one_hot.scatter_(1, classes[:, None], valid[:, None].float())
+        present = F.max_pool2d(one_hot, window, stride=1, padding=window // 2) > 0
+        present = present | ~valid[:, None]  # keeps ignored pixels finite; they are masked below
+        per_pixel = -torch.logsumexp(log_probs.masked_fill(~present, float("-inf")), dim=1)
     per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
     return per_pixel.sum() / valid.sum().clamp_min(1).float()
