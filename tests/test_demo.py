@@ -33,9 +33,10 @@ def test_demo_trains_every_method_and_writes_the_table_and_figure(tmp_path, caps
         assert 0.0 <= run["miou"] <= 100.0
     assert summary["split"] == "test" and summary["test_images"] == 6 and summary["shared_warm_up"] == 2
     assert "| scl |" in (out / "summary.md").read_text() and "| scl |" in capsys.readouterr().out
-    # image | supervised | cl | scl | ground truth: five 32-pixel panels per row
+    # image | supervised | cl | scl | ground truth for each of the 6 test scenes: 32-pixel tiles
+    # drawn 3x with 4-pixel gaps under a 16-pixel header
     with Image.open(out / "comparison.png") as figure:
-        assert figure.width >= 5 * 32
+        assert figure.size == (5 * (3 * 32 + 4) + 4, 16 + 6 * (3 * 32 + 4) + 4)
     assert not list(out.glob("warmup_seed*"))  # the warm-up snapshot is removed
 
     # the semi-supervised runs resumed the supervised warm-up: its records up to step 2, then their own

@@ -1,6 +1,6 @@
 """Overrides that shrink the packaged digits config to a run of seconds, shared by the tests.
 
-The unlabeled terms start at step 0 (the packaged config warms up for 400 steps), so that a
+The unlabeled terms start at step 0 (the packaged config warms up for 800 steps), so that a
 few steps exercise CutMix, L_c and L_sc. Data load in the main process; the tests that
 concern workers set ``data.num_workers`` themselves.
 """

@@ -477,12 +477,12 @@ class Trainer:
 
     def _stream(self, role: str):
         """The ``labeled`` or ``unlabeled`` stream, from this run's position in it."""
-        cfg = self.cfg
-        dataset = self.data.labeled if role == "labeled" else self.data.unlabeled
-        batch_size = cfg.data.batch_size if role == "labeled" else cfg.data.unlabeled_batch_size
-        return make_stream(dataset, batch_size, seed=cfg.train.seed * 2 + (1 if role == "labeled" else 2),
+        d = self.cfg.data
+        dataset, batch_size, offset = {"labeled": (self.data.labeled, d.batch_size, 1),
+                                       "unlabeled": (self.data.unlabeled, d.unlabeled_batch_size, 2)}[role]
+        return make_stream(dataset, batch_size, seed=self.cfg.train.seed * 2 + offset,
                            start_batch=self.stream_positions[role], name=role, rank=self.rank, world_size=self.world,
-                           num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda")
+                           num_workers=d.num_workers, pin_memory=self.device.type == "cuda")
 
     def _to_device(self, batch: dict) -> dict:
         return batch_to_device(batch, self.device, channels_last=self.cfg.train.channels_last)
@@ -560,9 +560,9 @@ class Trainer:
                     sums[key] = sums.get(key, 0.0) + value.detach().float()
                 steps_in_window += 1
                 self.iteration += 1
+                # drawn or skipped, a step moves the unlabeled position by accum
                 self.stream_positions = {"labeled": labeled.batches,
-                                         "unlabeled": self.stream_positions["unlabeled"] + accum
-                                         if ubatches is None else unlabeled.batches}
+                                         "unlabeled": self.stream_positions["unlabeled"] + accum}
                 if progress is not None:
                     progress.update(1)
 
