@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench_losses import CpuLoad, write_json, machine_info  # noqa: E402
-from sclseg.cli import resolve_config_path  # noqa: E402
+from sclseg.config import resolve_config_path  # noqa: E402
 from sclseg.config import load_config  # noqa: E402
 
 # labelIds of the 19 evaluated Cityscapes classes, and some ignored ids (unlabeled, ego vehicle, ...)

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, sync  # noqa: E402
-from sclseg.cli import resolve_config_path  # noqa: E402
+from sclseg.config import resolve_config_path  # noqa: E402
 from sclseg.config import Config, config_to_dict, load_config  # noqa: E402
 from sclseg.cutmix import BoxMaskGenerator, mix  # noqa: E402
 from sclseg.engine.optim import build_optimizer  # noqa: E402

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sclseg.cli import main, resolve_config_path
+from sclseg.cli import main
+from sclseg.config import resolve_config_path
 from sclseg.config import ConfigError, load_config
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic

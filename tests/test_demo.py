@@ -7,7 +7,8 @@ import json
 import torch
 from PIL import Image
 
-from sclseg.cli import main, resolve_config_path
+from sclseg.cli import main
+from sclseg.config import resolve_config_path
 from sclseg.config import load_config
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint

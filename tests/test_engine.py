@@ -11,7 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from sclseg.cli import main, resolve_config_path
+from sclseg.cli import main
+from sclseg.config import resolve_config_path
 from sclseg.config import ConfigError, load_config
 from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import build_data

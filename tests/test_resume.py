@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 import sclseg.engine.trainer as trainer_module
-from sclseg.cli import main, resolve_config_path
+from sclseg.cli import main
+from sclseg.config import resolve_config_path
 from sclseg.config import load_config
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic

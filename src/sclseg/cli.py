@@ -15,24 +15,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sclseg.config import Config, ConfigError, load_config
+from sclseg.config import Config, ConfigError, load_config, resolve_config_path
 
-__all__ = ["main", "resolve_config_path"]
+__all__ = ["main"]
 
-_PACKAGED = Path(__file__).parent / "configs"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def resolve_config_path(name: str) -> Path:
-    """A config file path, or the name of a packaged config such as ``digits/default``."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    packaged = _PACKAGED / (name if name.endswith(".yaml") else f"{name}.yaml")
-    if packaged.is_file():
-        return packaged
-    available = sorted(str(p.relative_to(_PACKAGED).with_suffix("")) for p in _PACKAGED.rglob("*.yaml"))
-    raise ConfigError(f"config '{name}' is neither a file nor a packaged config ({', '.join(available)})")
 
 
 def _load(name: str, overrides: Sequence[str]) -> Config:
@@ -61,8 +48,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_model(path: str, use_teacher: bool):
-    from sclseg.engine.checkpoint import load_checkpoint
-    from sclseg.engine.trainer import build_model_from_checkpoint
+    from sclseg.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
 
     ckpt = load_checkpoint(Path(path))
     model, cfg = build_model_from_checkpoint(ckpt, use_teacher=use_teacher, source=path)

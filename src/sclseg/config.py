@@ -34,7 +34,10 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
+    "resolve_config_path",
 ]
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 Method = Literal["supervised", "cl", "scl"]
 
@@ -310,6 +313,18 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{exc}") from None
+
+
+def resolve_config_path(name: str) -> Path:
+    """A config file path, or the name of a packaged config such as ``digits/default``."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / (name if name.endswith(".yaml") else f"{name}.yaml")
+    if packaged.is_file():
+        return packaged
+    available = sorted(str(p.relative_to(PACKAGED_CONFIGS).with_suffix("")) for p in PACKAGED_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(f"config '{name}' is neither a file nor a packaged config ({', '.join(available)})")
 
 
 def validate(cfg: Config) -> None:

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from sclseg.cli import resolve_config_path
+from sclseg.config import resolve_config_path
 from sclseg.config import load_config
 from sclseg.data import build_data, palette_array
 from sclseg.engine.evaluate import evaluate_model

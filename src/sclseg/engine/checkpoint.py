@@ -25,6 +25,10 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from torch import nn
+
+from sclseg.config import Config, config_from_dict
+from sclseg.models import create_model
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -37,6 +41,7 @@ __all__ = [
     "list_checkpoints",
     "prune",
     "export_weights",
+    "build_model_from_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "sclseg-checkpoint-1"
@@ -182,3 +187,29 @@ def export_weights(checkpoint: Union[str, Path], out: Union[str, Path], *, use_t
     save_atomic(exported, Path(out))
     return {"out": str(out), "weights": role, "iteration": exported["iteration"], "tensors": len(weights),
             "bytes": Path(out).stat().st_size}
+
+
+def build_model_from_checkpoint(ckpt: dict, *, use_teacher: bool = True, source: Union[None, str, Path] = None
+                                ) -> tuple[nn.Module, Config]:
+    """The network stored in a checkpoint (teacher/EMA weights by default) and its config.
+
+    Accepts training checkpoints and exported weights files (``sclseg export``).
+    """
+    where = f"{source}: " if source is not None else ""
+    cfg = config_from_dict(ckpt["config"])
+    model = create_model(cfg.model, ckpt["num_classes"], load_pretrained=False)
+    if ckpt.get("format") == WEIGHTS_FORMAT or "model" in ckpt:
+        held = ckpt.get("weights", "teacher")
+        if not use_teacher and held != "student":
+            raise ValueError(f"{where}this exported file holds the {held} weights only; export the student with "
+                             "'sclseg export CKPT OUT --student'")
+        key = "model"
+    else:
+        key = "teacher" if use_teacher and "teacher" in ckpt else "student"
+    try:
+        model.load_state_dict(ckpt[key])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{where}checkpoint weights do not fit model '{cfg.model.name}' with {ckpt['num_classes']} classes: {exc}"
+        ) from exc
+    return model, cfg

@@ -38,13 +38,12 @@ import torch
 import yaml
 from torch import nn
 
-from sclseg.config import Config, ConfigError, config_from_dict, config_to_dict
+from sclseg.config import Config, ConfigError, config_to_dict
 from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import DataBundle, build_data
 from sclseg.engine import distributed as dist
 from sclseg.engine.checkpoint import (
     CHECKPOINT_FORMAT,
-    WEIGHTS_FORMAT,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -60,7 +59,7 @@ from sclseg.engine.stream import batch_to_device, make_stream
 from sclseg.models import create_model
 from sclseg.teacher import MeanTeacher, unwrap
 
-__all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLoss", "build_model_from_checkpoint"]
+__all__ = ["Trainer", "TrainingInterrupted", "NonFiniteLoss"]
 
 _AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NO_BAD = 1 << 62  # "no non-finite loss yet" in the device-side watch
@@ -88,32 +87,6 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(message)
         self.step = step
         self.checkpoint = checkpoint
-
-
-def build_model_from_checkpoint(ckpt: dict, *, use_teacher: bool = True, source: Union[None, str, Path] = None
-                                ) -> tuple[nn.Module, Config]:
-    """The network stored in a checkpoint (teacher/EMA weights by default) and its config.
-
-    Accepts training checkpoints and exported weights files (``sclseg export``).
-    """
-    where = f"{source}: " if source is not None else ""
-    cfg = config_from_dict(ckpt["config"])
-    model = create_model(cfg.model, ckpt["num_classes"], load_pretrained=False)
-    if ckpt.get("format") == WEIGHTS_FORMAT or "model" in ckpt:
-        held = ckpt.get("weights", "teacher")
-        if not use_teacher and held != "student":
-            raise ValueError(f"{where}this exported file holds the {held} weights only; export the student with "
-                             "'sclseg export CKPT OUT --student'")
-        key = "model"
-    else:
-        key = "teacher" if use_teacher and "teacher" in ckpt else "student"
-    try:
-        model.load_state_dict(ckpt[key])
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{where}checkpoint weights do not fit model '{cfg.model.name}' with {ckpt['num_classes']} classes: {exc}"
-        ) from exc
-    return model, cfg
 
 
 def _rank_seed(seed: int, rank: int, stream: int) -> int:
