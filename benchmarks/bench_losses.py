@@ -10,6 +10,7 @@ without grad) and owner maps from ``BoxMaskGenerator(n_boxes)``:
 - ``scl_dense`` dense_structured_consistency_loss (Eq. 6), only where its (B, HW, HW) matrices
                 fit the memory budget; otherwise recorded as skipped with the reason
 - ``rbl``       relaxed_boundary_loss, window 3, on the student logits and blocky labels
+- ``ce``        F.cross_entropy on the same logits and labels: the yardstick of ``rbl``
 
 Timing: after ``--warmup`` untimed calls per case, ``--repeats`` rounds; each round runs every
 case once (round-robin, so drift of the machine hits all cases alike), timing forward+backward
@@ -26,6 +27,7 @@ their running sum is reported.
 Usage::
 
     python benchmarks/bench_losses.py --device cpu --sizes 128x256,256x512 --repeats 10 --out runs/bench.json
+    python benchmarks/bench_losses.py --sizes 512x1024 --cases cl,scl,rbl,ce --threads 1 --repeats 5
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Callable, Optional
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off stderr
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from sclseg.cutmix import BoxMaskGenerator  # noqa: E402
 from sclseg.losses import (  # noqa: E402
@@ -59,6 +62,7 @@ LABELS = {
     "scl_exact": "SCL exact (Eq. 8)",
     "scl_dense": "SCL dense (Eq. 6)",
     "rbl": "RBL w=3 (Eq. 2)",
+    "ce": "plain CE",
 }
 TARGET_SIZE = (512, 1024)
 # dense Eq. 6 peaks at about this many (B, HW, HW) float32 matrices during forward+backward
@@ -82,6 +86,14 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     if not sizes:
         raise argparse.ArgumentTypeError("no sizes given")
     return sizes
+
+
+def parse_cases(text: str) -> list[str]:
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in LABELS]
+    if unknown or not cases:
+        raise argparse.ArgumentTypeError(f"unknown case(s) {unknown or text!r}; choose from {','.join(LABELS)}")
+    return cases
 
 
 def cpu_model() -> str:
@@ -257,14 +269,17 @@ def bench_size(args, device: torch.device, height: int, width: int, dense_budget
         "scl_exact": (scl(max_pairs=None), student),
         "scl_dense": (lambda: dense_structured_consistency_loss(student, teacher), student),
         "rbl": (lambda: relaxed_boundary_loss(student_logits, target, window=3), student_logits),
+        "ce": (lambda: F.cross_entropy(student_logits, target, ignore_index=255), student_logits),
     }
+    cases = {name: case for name, case in cases.items() if name in args.cases}
 
     records: dict[str, dict] = {}
     for name in cases:
         records[name] = {"loss": name, "label": LABELS[name], "size": size, "height": height, "width": width}
     need = dense_need_bytes(batch, height, width)
-    records["scl_dense"]["estimated_peak_bytes"] = need
-    if need > dense_budget:
+    if "scl_dense" in cases:
+        records["scl_dense"]["estimated_peak_bytes"] = need
+    if "scl_dense" in cases and need > dense_budget:
         records["scl_dense"].update(
             status="skipped",
             reason=(
@@ -384,6 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cases", type=parse_cases, default=list(LABELS), help=f"comma-separated subset of {','.join(LABELS)}"
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.classes < 2:
@@ -472,6 +490,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"(ratio {hit['ratio_median']:.2f}, SCL {hit['scl_ms_median']:.1f} ms vs CL {hit['cl_ms_median']:.1f} ms)"
             )
         targets.append(target)
+    target = {"statement": f"{LABELS['rbl']} fwd+bwd <= 2 x plain CE fwd+bwd at {target_size} (medians)",
+              "loss": "rbl", "size": target_size}
+    rbl, ce = find("rbl", target_size), find("ce", target_size)
+    if rbl is None or ce is None:
+        target.update(met=None, note=f"rbl and ce at {target_size} were not both benchmarked")
+        print("target for rbl: not evaluated (needs the rbl and ce cases at 512x1024)")
+    else:
+        ratio = rbl["fwd_bwd_ms"]["median"] / ce["fwd_bwd_ms"]["median"]
+        target.update(met=ratio <= 2.0, ratio=ratio, ratio_min=rbl["fwd_bwd_ms"]["min"] / ce["fwd_bwd_ms"]["min"])
+        print(
+            f"target {target['statement']}: {'MET' if ratio <= 2.0 else 'NOT MET'} (ratio {ratio:.2f}, "
+            f"RBL {rbl['fwd_bwd_ms']['median']:.1f} ms vs CE {ce['fwd_bwd_ms']['median']:.1f} ms)"
+        )
+    targets.append(target)
     print(f"total benchmark time {elapsed:.0f} s", end="")
     if others is None:
         print()
@@ -492,6 +524,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "last_boxes": args.last_boxes,
                 "max_pairs": args.max_pairs,
                 "rbl_window": 3,
+                "cases": args.cases,
                 "dtype": "float32",
                 "dense_budget_bytes": dense_budget,
                 "dense_matrices_estimate": DENSE_MATRICES,

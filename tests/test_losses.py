@@ -12,6 +12,13 @@ from sclseg.cutmix import BoxMaskGenerator, box_owner_map
 from sclseg.losses import (
     consistency_loss,
     dense_structured_consistency_loss,
+    drawn_slots,
+    exact_slots,
+    gram_region_losses,
+    group_regions,
+    pair_draws,
+    pair_region_losses,
+    read_regions,
     relaxed_boundary_loss,
     structured_consistency_loss,
 )
@@ -443,6 +450,174 @@ def test_scl_teacher_gradient_when_not_detached():
     t = probs((1, 3, 4, 4), 113).requires_grad_()
     structured_consistency_loss(s, t, owner, n_boxes=1, last_boxes=1, max_pairs=None).backward()
     assert t.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- SCL pieces, one at a time
+
+
+def state_after_drawing(seed: int, shape) -> torch.Tensor:
+    """The state of a fresh generator after one float64 ``torch.rand(shape)``."""
+    g = gen(seed)
+    torch.rand(shape, generator=g, dtype=torch.float64)
+    return g.get_state()
+
+
+def test_group_regions_lists_each_region_in_raster_order():
+    owner = torch.randint(-1, 6, (2, 5, 7), generator=gen(300))
+    regions = group_regions(owner, n_boxes=6, last_boxes=3)
+    for b in range(2):
+        start = 0
+        for n in range(3):
+            expected = [p for p in range(35) if owner[b].reshape(-1)[p] == 3 + n]
+            assert regions.counts[b, n] == len(expected) and regions.offsets[b, n] == start
+            assert regions.order[b, start : start + len(expected)].tolist() == expected
+            start += len(expected)
+        # then every pixel of no counted box, also in raster order
+        assert regions.order[b, start:].tolist() == [p for p in range(35) if owner[b].reshape(-1)[p] < 3]
+
+
+def test_read_regions_reads_the_region_pixels_and_sums_gradients_into_one_map():
+    owner = torch.randint(0, 2, (2, 4, 5), generator=gen(301))
+    regions = group_regions(owner, n_boxes=2, last_boxes=2)
+    s = probs((2, 3, 4, 5), 302).requires_grad_()
+    first = torch.randint(0, 3, (2, 2, 4), generator=gen(303)).minimum(regions.counts[..., None] - 1)
+    second = torch.zeros(2, 2, 1, dtype=torch.long)
+    a, b2 = read_regions(s, regions, first, second)
+    assert a.shape == (2, 3, 2, 4) and b2.shape == (2, 3, 2, 1) and a.dtype == torch.float32
+    for b in range(2):
+        for n in range(2):
+            pix = [p for p in range(20) if owner[b].reshape(-1)[p] == n]
+            for k in range(4):
+                assert torch.equal(a[b, :, n, k], s[b].reshape(3, -1)[:, pix[first[b, n, k]]])
+            assert torch.equal(b2[b, :, n, 0], s[b].reshape(3, -1)[:, pix[0]])
+    (a.sum() + 2 * b2.sum()).backward()
+    hits = torch.zeros(2, 20)
+    for b in range(2):
+        for n in range(2):
+            pix = [p for p in range(20) if owner[b].reshape(-1)[p] == n]
+            for k in range(4):
+                hits[b, pix[first[b, n, k]]] += 1
+            hits[b, pix[0]] += 2
+    assert torch.equal(s.grad, hits.view(2, 1, 4, 5).expand(2, 3, 4, 5))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_gram_region_losses_equal_the_pair_loop(seed):
+    # 2 images x 3 regions, 5 slots each, some unused; divisor = |used|^2 (the exact loss)
+    s, t = probs((2, 4, 3, 5), seed + 310), probs((2, 4, 3, 5), seed + 311)
+    used = torch.rand(2, 3, 5, generator=gen(seed + 312)) > 0.3
+    used[0, 0] = False  # an empty region: 0
+    slots = exact_slots(used.sum(-1), 5)._replace(used=used)
+    out = gram_region_losses(s, t, slots)
+    for b in range(2):
+        for n in range(3):
+            idx = [p for p in range(5) if used[b, n, p]]
+            sv, tv = s[b, :, n].T.double().tolist(), t[b, :, n].T.double().tolist()
+            total = sum((ref_cos(sv[i], sv[j]) - ref_cos(tv[i], tv[j])) ** 2 for i in idx for j in idx)
+            assert out[b, n].item() == pytest.approx(total / max(len(idx) ** 2, 1), rel=1e-5, abs=1e-7)
+
+
+def test_exact_slots_cover_each_region_once():
+    counts = torch.tensor([[0, 2, 5], [3, 1, 4]])
+    slots = exact_slots(counts, 4)
+    assert slots.index.shape == (2, 3, 4) and slots.index[1, 2].tolist() == [0, 1, 2, 3]
+    assert slots.used.sum(-1).tolist() == [[0, 2, 4], [3, 1, 4]]  # a region above the width is cut
+    assert slots.n_pairs.tolist() == [[0, 4, 25], [9, 1, 16]]
+
+
+def test_drawn_slots_draw_k_pixels_where_not_exact():
+    counts = torch.tensor([[2, 40, 0], [3, 7, 100]])
+    exact = counts * counts <= 9
+    g = gen(320)
+    slots = drawn_slots(counts, 3, exact, g)
+    # exactly B * N * k float64 numbers, in that layout
+    u = torch.rand((2, 3, 3), generator=gen(320), dtype=torch.float64)
+    assert torch.equal(g.get_state(), state_after_drawing(320, (2, 3, 3)))
+    drawn = (u * counts.clamp_min(1)[..., None]).long()
+    assert torch.equal(slots.index[~exact], drawn[~exact])
+    assert slots.index[0, 0].tolist() == [0, 1, 2] and slots.index[1, 0].tolist() == [0, 1, 2]
+    assert slots.used[0, 0].tolist() == [True, True, False] and slots.used[0, 1].all() and not slots.used[0, 2].any()
+    assert slots.n_pairs.tolist() == [[4, 6, 0], [9, 6, 6]]  # |T|^2 if exact (0 if empty), else k (k - 1)
+
+
+def test_pair_draws_are_iid_uniform_pairs():
+    counts = torch.tensor([[3, 1]])
+    g = gen(330)
+    first, second = pair_draws(counts, 9000, g)
+    assert first.shape == second.shape == (1, 2, 9000)
+    assert torch.equal(g.get_state(), state_after_drawing(330, (1, 2, 18000)))
+    assert int(first[0, 1].max()) == 0 and int(second[0, 1].max()) == 0
+    # the 9 ordered pairs of a 3-pixel region, each with probability 1/9 (binomial sd ~ 31)
+    freq = torch.bincount(first[0, 0] * 3 + second[0, 0], minlength=9)
+    assert (freq - 1000).abs().max() < 5 * math.sqrt(9000 * (1 / 9) * (8 / 9))
+
+
+def test_pair_region_losses_equal_the_loop_and_gradcheck():
+    s1, s2 = probs((2, 3, 2, 6), 340), probs((2, 3, 2, 6), 341)
+    t1, t2 = probs((2, 3, 2, 6), 342), probs((2, 3, 2, 6), 343)
+    out = pair_region_losses(s1, s2, t1, t2)
+    for b in range(2):
+        for n in range(2):
+            gaps = [
+                ref_cos(s1[b, :, n, m].tolist(), s2[b, :, n, m].tolist()) - ref_cos(t1[b, :, n, m].tolist(), t2[b, :, n, m].tolist())
+                for m in range(6)
+            ]
+            assert out[b, n].item() == pytest.approx(sum(g * g for g in gaps) / 6, rel=1e-5, abs=1e-8)
+    # the written-out backward pass, in float64 against finite differences (both student and teacher)
+    args = [x.double().requires_grad_() for x in (s1, s2, t1, t2)]
+    assert torch.autograd.gradcheck(lambda *a: pair_region_losses(*a), args)
+    # a pair with a zero vector: eps guards the cosine, the gradient stays finite
+    z1 = s1.double().clone()
+    z1[0, :, 0, 0] = 0
+    z1.requires_grad_()
+    pair_region_losses(z1, s2.double(), t1.double(), t2.double()).sum().backward()
+    assert torch.isfinite(z1.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scl_sampled_modes_low_precision(dtype):
+    owner = BoxMaskGenerator(n_boxes=8)(2, 12, 12, gen(350))
+    s = probs((2, 4, 12, 12), 351).to(dtype).requires_grad_()
+    t = probs((2, 4, 12, 12), 352).to(dtype)
+    for sampling in ("pairs", "pixels"):
+        s.grad = None
+        kw = dict(n_boxes=8, last_boxes=4, max_pairs=16, sampling=sampling)
+        out = structured_consistency_loss(s, t, owner, generator=gen(353), **kw)
+        ref = structured_consistency_loss(s.detach().float(), t.float(), owner, generator=gen(353), **kw)
+        assert out.dtype == torch.float32 and out.item() == pytest.approx(ref.item(), rel=1e-6)
+        out.backward()
+        assert s.grad.dtype == dtype and torch.isfinite(s.grad.float()).all() and s.grad.float().abs().sum() > 0
+
+
+def test_relaxed_matches_dense_one_hot_formula_on_blocky_labels():
+    # Eq. 2 computed densely (one-hot max-pool presence, masked logsumexp everywhere) at a size
+    # with many plain and many mixed windows, ignore pixels and both borders
+    B, C, H, W = 2, 6, 24, 40
+    target = torch.randint(0, C, (B, 1, 6, 10), generator=gen(360)).repeat_interleave(4, 2).repeat_interleave(4, 3)[:, 0]
+    target[torch.rand(B, H, W, generator=gen(361)) < 0.05] = 255
+    logits = (torch.randn(B, C, H, W, generator=gen(362)) * 3).requires_grad_()
+    for window in (3, 5):
+        valid = target != 255
+        one_hot = F.one_hot(torch.where(valid, target, 0), C).permute(0, 3, 1, 2).double() * valid[:, None]
+        present = (F.max_pool2d(one_hot, window, 1, window // 2) > 0) | ~valid[:, None]
+        x = logits.detach().double().requires_grad_()
+        lp = F.log_softmax(x, 1)
+        ref = -torch.logsumexp(lp.masked_fill(~present, -math.inf), 1)[valid].mean()
+        ref.backward()
+        logits.grad = None
+        out = relaxed_boundary_loss(logits, target, window=window)
+        out.backward()
+        assert out.item() == pytest.approx(ref.item(), rel=1e-6)
+        assert torch.allclose(logits.grad.double(), x.grad, rtol=1e-4, atol=1e-8)
+
+
+def test_relaxed_window_larger_than_the_image():
+    # every window covers the whole 2 x 3 image: each valid pixel's set is all classes present in it
+    target = torch.tensor([[[0, 0, 2], [255, 0, 0]]])
+    logits = torch.randn(1, 4, 2, 3, generator=gen(370)) * 2
+    for window in (5, 9):
+        out = relaxed_boundary_loss(logits, target, window=window)
+        assert out.item() == pytest.approx(ref_relaxed(logits, target, window), rel=1e-5, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- dense (Eq. 6)

@@ -15,13 +15,20 @@ ordered pairs drawn uniformly, independently and with replacement from ``T x T``
 ``sampling="pairs"``, the default), or from all pairs among ``isqrt(max_pairs)`` pixels drawn
 uniformly from ``T`` (``sampling="pixels"``: the same Gram identity on the drawn pixels, about
 200 times fewer pixel reads). Pixels are grouped by region with one sort of the owner map;
-everything else touches only the sampled pixels, in one batched pass over all images and boxes.
+everything else touches only the sampled pixels, in one batched pass over all images and boxes
+and one read of each map.
+
+The pieces, each a function of tensors that can be checked on its own: :func:`group_regions`
+(the sort), :func:`read_regions` (the one read), the pixel choices :func:`exact_slots`,
+:func:`drawn_slots` and :func:`pair_draws`, and the two estimators on class vectors,
+:func:`gram_region_losses` (all pairs of a set of slots) and :func:`pair_region_losses`
+(listed pairs).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -81,19 +88,112 @@ def consistency_loss(student_probs: Tensor, teacher_probs: Tensor, mask: Optiona
     return (per_pixel * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
-def _gather_pixels(probs: Tensor, positions: Tensor) -> Tensor:
-    """Class vectors at per-image pixel positions, float32.
+class Regions(NamedTuple):
+    """The pixels of each image grouped by counted region (one stable sort of the owner map).
+
+    Attributes:
+        order: ``(B, HW)`` flat pixel positions ``y * W + x``: region 0's in raster order, then
+            region 1's, ..., then the pixels of no counted region.
+        counts: ``(B, N)`` region sizes ``|T|`` (``N = last_boxes``; region n is box ``n_boxes - N + n``).
+        offsets: ``(B, N)`` where each region starts in ``order``.
+    """
+
+    order: Tensor
+    counts: Tensor
+    offsets: Tensor
+
+
+def group_regions(owner: Tensor, n_boxes: int, last_boxes: int) -> Regions:
+    """Group the pixels of ``owner`` ``(B, H, W)`` by the last ``last_boxes`` of ``n_boxes`` boxes."""
+    batch = owner.shape[0]
+    local = owner.reshape(batch, -1) - (n_boxes - last_boxes)
+    key = torch.where((local >= 0) & (local < last_boxes), local, last_boxes)  # uncounted pixels last
+    narrow = torch.uint8 if last_boxes < 256 else torch.int32  # the same order, a faster sort
+    order = torch.sort(key.to(narrow), dim=1, stable=True).indices
+    counts = torch.zeros(batch, last_boxes + 1, dtype=torch.long, device=owner.device)
+    counts = counts.scatter_add_(1, key, torch.ones_like(key))[:, :last_boxes]
+    return Regions(order, counts, torch.cumsum(counts, 1) - counts)
+
+
+def read_regions(probs: Tensor, regions: Regions, *local_indices: Tensor) -> list[Tensor]:
+    """Class vectors at region-local pixel indices, in one read of the map.
 
     Args:
         probs: ``(B, C, H, W)``.
-        positions: ``(B, *S)`` flat positions ``y * W + x`` within each image.
+        regions: from :func:`group_regions`.
+        local_indices: ``(B, N, S_k)`` indices into each region's pixels; an index at or past
+            ``|T|`` (a padding slot) reads some other pixel, for the caller to mask.
     Returns:
-        ``(B, C, *S)``. The backward pass is a scatter-add in the maps' own layout.
+        One ``(B, C, N, S_k)`` float32 tensor per index tensor. They are views of one gather, so
+        that the backward pass scatters into a single gradient map.
     """
     batch, channels = probs.shape[:2]
-    index = positions.reshape(batch, 1, -1).expand(batch, channels, -1)
-    picked = torch.gather(probs.reshape(batch, channels, -1), 2, index)
-    return picked.reshape(batch, channels, *positions.shape[1:]).float()
+    rows = torch.cat([(regions.offsets[..., None] + i).reshape(batch, -1) for i in local_indices], dim=1)
+    positions = torch.gather(regions.order, 1, rows.clamp(max=regions.order.shape[1] - 1))
+    index = positions[:, None].expand(batch, channels, -1)
+    pixels = torch.gather(probs.reshape(batch, channels, -1), 2, index).float()
+    parts = pixels.split([i[0].numel() for i in local_indices], dim=2)
+    return [p.view(batch, channels, *i.shape[1:]) for p, i in zip(parts, local_indices)]
+
+
+def draw_uniform(counts: Tensor, samples: int, generator: Optional[torch.Generator]) -> Tensor:
+    """``(B, N, samples)`` region-local indices, i.i.d. uniform on each region (0 for an empty one).
+
+    ``counts``: ``(B, N)`` region sizes. Draws ``B * N * samples`` float64 numbers from
+    ``generator``, in that layout.
+    """
+    u = torch.rand((*counts.shape, samples), generator=generator, device=counts.device, dtype=torch.float64)
+    size = counts.clamp_min(1)[..., None]
+    return torch.minimum((u * size).long(), size - 1)
+
+
+class Slots(NamedTuple):
+    """Pixels of each region whose pairs are all summed (:func:`gram_region_losses`).
+
+    Attributes:
+        index: ``(B, N, P)`` region-local pixel index of each slot.
+        used: ``(B, N, P)`` bool, the slots that take part; the others count as zero vectors.
+        n_pairs: ``(B, N)`` integer divisor of each region's pair sum.
+    """
+
+    index: Tensor
+    used: Tensor
+    n_pairs: Tensor
+
+
+def exact_slots(counts: Tensor, width: int) -> Slots:
+    """Eq. 8: every pixel of each region with ``|T| <= width``, over all ``|T|^2`` ordered pairs.
+
+    A larger region fills its ``width`` slots with its first pixels, for the caller to replace.
+    """
+    rank = torch.arange(max(width, 1), device=counts.device)
+    return Slots(rank.expand(*counts.shape, -1), rank < counts[..., None], counts.pow(2))
+
+
+def drawn_slots(counts: Tensor, k: int, exact: Tensor, generator: Optional[torch.Generator]) -> Slots:
+    """:func:`exact_slots` where ``exact`` ``(B, N)``, elsewhere ``k >= 2`` pixels drawn from ``T``.
+
+    A drawn region takes ``k`` pixels i.i.d. uniformly from ``T`` and divides by the ``k (k - 1)``
+    ordered pairs of distinct draws (a U-statistic, unbiased for Eq. 8). A draw paired with itself
+    stays in the Gram sums, where it adds ``(a^s_ii - a^t_ii)^2``: 0 for non-zero vectors
+    (probabilities always are); an all-zero vector in one map only would add ``1 / (k - 1)`` of the
+    region's mean diagonal gap. Draws ``B * N * k`` numbers from ``generator``.
+    """
+    rank = torch.arange(k, device=counts.device)
+    index = torch.where(exact[..., None], rank, draw_uniform(counts, k, generator))
+    used = ((rank < counts[..., None]) & exact[..., None]) | ((counts > 0) & ~exact)[..., None]
+    return Slots(index, used, torch.where(exact, counts.pow(2), k * (k - 1)))
+
+
+def pair_draws(counts: Tensor, n_pairs: int, generator: Optional[torch.Generator]) -> tuple[Tensor, Tensor]:
+    """Eq. 9-10: ``n_pairs`` ordered pairs per region, each i.i.d. uniform on ``T x T``.
+
+    Returns the region-local indices of the first and of the second pixels, ``(B, N, n_pairs)``
+    each. Draws ``B * N * 2 * n_pairs`` numbers from ``generator`` (the first pixels, then the
+    second ones).
+    """
+    first, second = draw_uniform(counts, 2 * n_pairs, generator).split(n_pairs, dim=-1)
+    return first, second
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -101,10 +201,73 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.pow(2).sum(dim=1, keepdim=True).sqrt().clamp_min(_EPS)
 
 
-def _cosine(x: Tensor, y: Tensor) -> Tensor:
-    """Cosine similarity over dim 1 (classes), eps-guarded: ``(B, C, *S) -> (B, *S)``."""
-    norms = (x.pow(2).sum(dim=1) * y.pow(2).sum(dim=1)).sqrt()
-    return (x * y).sum(dim=1) / norms.clamp_min(_EPS)
+def gram_region_losses(student: Tensor, teacher: Tensor, slots: Slots) -> Tensor:
+    """Squared similarity gaps summed over all ordered pairs of each region's used slots, over ``n_pairs``.
+
+    With the unit student and teacher vectors of the used slots as the rows of ``Q`` and ``R``::
+
+        sum_{i,j} (q_i.q_j - r_i.r_j)^2 = |Q^T Q|_F^2 - 2 |Q^T R|_F^2 + |R^T R|_F^2
+
+    three ``C x C`` Gram matrices per region, never a pair matrix.
+
+    Args:
+        student, teacher: ``(B, C, N, P)`` class vectors of the slots (:func:`read_regions`).
+        slots: which slots are used and the divisors.
+    Returns:
+        ``(B, N)`` float32.
+    """
+    keep = slots.used[:, None]  # (B, 1, N, P)
+    q, r = _unit(student) * keep, _unit(teacher) * keep
+
+    def frob2(x: Tensor, y: Tensor) -> Tensor:
+        return torch.einsum("bcnp,bdnp->bncd", x, y).pow(2).sum(dim=(2, 3))
+
+    pair_sum = frob2(q, q) - 2.0 * frob2(q, r) + frob2(r, r)
+    return pair_sum / slots.n_pairs.clamp_min(1).float()
+
+
+def pair_region_losses(
+    student_first: Tensor, student_second: Tensor, teacher_first: Tensor, teacher_second: Tensor
+) -> Tensor:
+    """Mean over pairs of ``(a^s_ij - a^t_ij)^2``: four ``(B, C, N, M)`` vector sets -> ``(B, N)``.
+
+    ``a_ij = x_i.x_j / max(|x_i| |x_j|, eps)``, as in :func:`dense_structured_consistency_loss`.
+    """
+    gap = _PairCosine.apply(student_first, student_second) - _PairCosine.apply(teacher_first, teacher_second)
+    return gap.pow(2).mean(dim=2)
+
+
+class _PairCosine(torch.autograd.Function):
+    """Cosine similarity over dim 1 of two ``(B, C, *S)`` vector sets -> ``(B, *S)``, eps-guarded.
+
+    The backward pass is written out: autograd through the norms and the dot product would keep
+    and multiply about three times as many ``(B, C, *S)`` temporaries, and the sampled pairs are
+    millions of vectors.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
+        sq_x, sq_y = torch.linalg.vecdot(x, x, dim=1), torch.linalg.vecdot(y, y, dim=1)
+        norms = (sq_x * sq_y).sqrt()
+        denom = norms.clamp_min(_EPS)
+        cos = torch.linalg.vecdot(x, y, dim=1) / denom
+        ctx.save_for_backward(x, y, sq_x, sq_y, norms >= _EPS, denom, cos)
+        return cos
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:  # type: ignore[override]
+        x, y, sq_x, sq_y, unclamped, denom, cos = ctx.saved_tensors
+        # d cos / dx = y / denom - cos x / |x|^2; the second term is absent where eps clamps denom
+        along = (grad / denom).unsqueeze(1)
+        zero = torch.zeros_like(grad)
+        grad_x = grad_y = None
+        if ctx.needs_input_grad[0]:
+            radial = torch.where(unclamped, grad * cos / sq_x, zero).unsqueeze(1)
+            grad_x = (y * along).addcmul_(x, radial, value=-1.0)
+        if ctx.needs_input_grad[1]:
+            radial = torch.where(unclamped, grad * cos / sq_y, zero).unsqueeze(1)
+            grad_y = (x * along).addcmul_(y, radial, value=-1.0)
+        return grad_x, grad_y
 
 
 def structured_consistency_loss(
@@ -122,23 +285,19 @@ def structured_consistency_loss(
 
     For each image b and box n in ``n_boxes - last_boxes .. n_boxes - 1``, the region is
     ``T = {owner[b] == n}``. Its loss is the mean of ``(a^s_ij - a^t_ij)^2`` over all ordered
-    pairs of ``T x T`` (diagonal included) when ``max_pairs is None`` or ``|T|^2 <= max_pairs``,
-    else an unbiased estimate of that mean from at most ``max_pairs`` random pairs. The result
-    is the mean over non-empty regions, and a zero that is still in the graph when every
-    region is empty.
+    pairs of ``T x T`` (diagonal included) when ``max_pairs is None`` or ``|T|^2 <= max_pairs``
+    (:func:`exact_slots` and :func:`gram_region_losses`), else an unbiased estimate of that mean.
+    The result is the mean over non-empty regions, and a zero that is still in the graph when
+    every region is empty.
 
     ``sampling`` chooses the estimate for regions with ``|T|^2 > max_pairs``:
 
-    * ``"pairs"`` (the paper's Eq. 9-10): ``max_pairs`` ordered pairs, each drawn i.i.d.
-      uniformly from ``T x T``. Reads ``2 * max_pairs`` pixel vectors per region.
-    * ``"pixels"``: ``k = isqrt(max_pairs)`` pixels drawn i.i.d. uniformly from ``T``, and
-      all ``k (k - 1)`` ordered pairs of distinct draws (a U-statistic, unbiased too). Reads
-      ``k`` pixel vectors per region (94 instead of 18,000 for N_pair = 9000), so it costs
-      next to nothing at any image size; its variance is higher, as the pairs share pixels.
-      A draw paired with itself is left to the Gram sums, where it adds
-      ``(a^s_ii - a^t_ii)^2``: 0 for non-zero vectors (probabilities always are), so the
-      estimate is unbiased for them; an all-zero vector in one map only would add
-      ``1 / (k - 1)`` of the regions' mean diagonal gap.
+    * ``"pairs"`` (the paper's Eq. 9-10, :func:`pair_draws` and :func:`pair_region_losses`):
+      ``max_pairs`` ordered pairs, each drawn i.i.d. uniformly from ``T x T``.
+    * ``"pixels"`` (:func:`drawn_slots` and :func:`gram_region_losses`): ``k = isqrt(max_pairs)`` pixels drawn
+      i.i.d. uniformly from ``T`` and all ``k (k - 1)`` ordered pairs of distinct draws, unbiased
+      too. It reads ``k`` pixel vectors per region (94 instead of 18,000 for N_pair = 9000), so it
+      costs next to nothing at any image size; its variance is higher, as the pairs share pixels.
 
     Args:
         student_probs, teacher_probs: ``(B, C, H, W)`` probabilities (or any non-negative maps).
@@ -151,6 +310,59 @@ def structured_consistency_loss(
     Returns:
         Scalar float32 tensor.
     """
+    _check_scl_args(student_probs, teacher_probs, owner, n_boxes, last_boxes, max_pairs, generator, sampling)
+    regions = group_regions(owner, n_boxes, last_boxes)
+    counts = regions.counts
+    n_pixels = owner[0].numel()
+    if max_pairs is None or max_pairs >= n_pixels * n_pixels:
+        slots = exact_slots(counts, int(counts.max()))  # the one host sync, in the exact-only mode alone
+        region_loss = _slot_losses(student_probs, teacher_probs, regions, slots)
+    elif sampling == "pixels":
+        slots = drawn_slots(counts, math.isqrt(max_pairs), counts * counts <= max_pairs, generator)
+        region_loss = _slot_losses(student_probs, teacher_probs, regions, slots)
+    else:
+        region_loss = _exact_or_pair_losses(student_probs, teacher_probs, regions, max_pairs, generator)
+    nonempty = counts > 0
+    region_loss = torch.where(nonempty, region_loss, torch.zeros_like(region_loss))
+    return region_loss.sum() / nonempty.sum().clamp_min(1).float()
+
+
+def _slot_losses(student_probs: Tensor, teacher_probs: Tensor, regions: Regions, slots: Slots) -> Tensor:
+    """:func:`gram_region_losses` of the maps' vectors at ``slots``: ``(B, N)``."""
+    (student,) = read_regions(student_probs, regions, slots.index)
+    (teacher,) = read_regions(teacher_probs, regions, slots.index)
+    return gram_region_losses(student, teacher, slots)
+
+
+def _exact_or_pair_losses(
+    student_probs: Tensor, teacher_probs: Tensor, regions: Regions, max_pairs: int, generator: Optional[torch.Generator]
+) -> Tensor:
+    """Eq. 8 for regions with ``|T|^2 <= max_pairs``, else Eq. 9-10 with ``max_pairs`` pairs: ``(B, N)``.
+
+    Each map is read once, at the exact regions' pixels and both pixels of every pair.
+    """
+    counts = regions.counts
+    slots = exact_slots(counts, math.isqrt(max_pairs))  # |T|^2 <= max_pairs bounds an exact region's size
+    first, second = pair_draws(counts, max_pairs, generator)
+    s_slot, s_first, s_second = read_regions(student_probs, regions, slots.index, first, second)
+    t_slot, t_first, t_second = read_regions(teacher_probs, regions, slots.index, first, second)
+    return torch.where(
+        counts * counts <= max_pairs,
+        gram_region_losses(s_slot, t_slot, slots),
+        pair_region_losses(s_first, s_second, t_first, t_second),
+    )
+
+
+def _check_scl_args(
+    student_probs: Tensor,
+    teacher_probs: Tensor,
+    owner: Tensor,
+    n_boxes: int,
+    last_boxes: int,
+    max_pairs: Optional[int],
+    generator: Optional[torch.Generator],
+    sampling: str,
+) -> None:
     _check_prob_pair(student_probs, teacher_probs)
     _check_map("owner", owner, student_probs)
     if sampling not in ("pairs", "pixels"):
@@ -164,82 +376,12 @@ def structured_consistency_loss(
     if max_pairs is not None and (not isinstance(max_pairs, int) or max_pairs < 1):
         raise ValueError(f"max_pairs must be None or an int >= 1, got {max_pairs!r}")
     if sampling == "pixels" and max_pairs is not None and max_pairs < 4:
-        raise ValueError(f"sampling='pixels' draws isqrt(max_pairs) >= 2 pixels per region: max_pairs must be >= 4, got {max_pairs}")
+        raise ValueError(
+            f"sampling='pixels' draws isqrt(max_pairs) >= 2 pixels per region: max_pairs must be >= 4, got {max_pairs}"
+        )
     device = student_probs.device
     if generator is not None and generator.device.type != device.type:
         raise ValueError(f"generator is on {generator.device} but the maps are on {device}")
-
-    batch, _, height, width = student_probs.shape
-    n_pixels = height * width
-    # per image: region key 0..last_boxes-1 for the counted boxes, last_boxes elsewhere
-    local = owner.reshape(batch, n_pixels) - (n_boxes - last_boxes)
-    key = torch.where((local >= 0) & (local < last_boxes), local, last_boxes)
-    order = torch.sort(key, dim=1, stable=True).indices  # (B, HW) positions grouped by region
-    counts = torch.zeros(batch, last_boxes + 1, dtype=torch.long, device=device)
-    counts = counts.scatter_add_(1, key, torch.ones_like(key))[:, :last_boxes]  # (B, N)
-    offsets = torch.cumsum(counts, 1) - counts
-    nonempty = counts > 0
-    sampled = max_pairs is not None and max_pairs < n_pixels * n_pixels
-    if sampled:
-        exact = nonempty & (counts * counts <= max_pairs)
-        exact_width = math.isqrt(max_pairs)  # |T|^2 <= max_pairs bounds an exact region's size
-    else:
-        exact = nonempty
-        exact_width = int(counts.max())  # the one host sync, in the exact-only mode alone
-    denom = counts.clamp_min(1)
-
-    def positions(local_index: Tensor) -> Tensor:
-        """Pixel positions ``(B, N * S)`` of region-local indices ``(B, N, S)``."""
-        flat = (offsets[..., None] + local_index).reshape(batch, -1).clamp(max=n_pixels - 1)
-        return torch.gather(order, 1, flat)
-
-    # exact regions: every pixel, padded to exact_width; sampled regions: 2 x max_pairs pixels
-    # ("pairs") or exact_width pixels drawn in the exact regions' slots ("pixels")
-    rank = torch.arange(max(exact_width, 1), device=device)
-    first = rank.expand(batch, last_boxes, -1)
-    by_pixels = sampled and sampling == "pixels"
-    if by_pixels:
-        u = torch.rand((batch, last_boxes, rank.numel()), generator=generator, device=device, dtype=torch.float64)
-        drawn = torch.minimum((u * denom[..., None]).long(), (denom - 1)[..., None])
-        first = torch.where(exact[..., None], first, drawn)
-    picks = [positions(first)]
-    n_sampled = 0
-    if sampled and not by_pixels:
-        u = torch.rand((batch, last_boxes, 2 * max_pairs), generator=generator, device=device, dtype=torch.float64)
-        local_idx = torch.minimum((u * denom[..., None]).long(), (denom - 1)[..., None])
-        picks.append(positions(local_idx))
-        n_sampled = 2 * max_pairs
-    # region-major layout (B, N, P + 2M) to match the view below; one gather per map
-    pos = torch.cat([p.view(batch, last_boxes, -1) for p in picks], dim=2).reshape(batch, -1)
-    s_pix = _gather_pixels(student_probs, pos).view(batch, -1, last_boxes, rank.numel() + n_sampled)
-    t_pix = _gather_pixels(teacher_probs, pos).view(batch, -1, last_boxes, rank.numel() + n_sampled)
-
-    # all ordered pairs of the first P slots through C x C Gram matrices of unit vectors:
-    # every pixel of an exact region, or the k = P draws of a "pixels"-sampled one
-    slots = (rank < counts[..., None]) & exact[..., None]
-    if by_pixels:
-        slots = slots | (nonempty & ~exact)[..., None]
-    keep = slots.unsqueeze(1)  # (B, 1, N, P)
-    q = _unit(s_pix[..., : rank.numel()]) * keep  # (B, C, N, P)
-    r = _unit(t_pix[..., : rank.numel()]) * keep
-
-    def frob2(x: Tensor, y: Tensor) -> Tensor:
-        return torch.einsum("bcnp,bdnp->bncd", x, y).pow(2).sum(dim=(2, 3))
-
-    pair_sum = frob2(q, q) - 2.0 * frob2(q, r) + frob2(r, r)  # (B, N)
-    # a draw paired with itself adds (1 - 1)^2 = 0 (non-zero vectors): the k (k - 1) distinct pairs remain
-    pairs = torch.where(exact, denom * denom, rank.numel() * (rank.numel() - 1)) if by_pixels else denom * denom
-    region_loss = pair_sum / pairs.clamp_min(1).float()
-
-    if sampled and not by_pixels:
-        # sampled: max_pairs ordered pairs (i, j), each i.i.d. uniform on T x T
-        s_i, s_j = s_pix[..., rank.numel() :].chunk(2, dim=-1)  # (B, C, N, M) each
-        t_i, t_j = t_pix[..., rank.numel() :].chunk(2, dim=-1)
-        gap = _cosine(s_i, s_j) - _cosine(t_i, t_j)  # (B, N, M)
-        region_loss = torch.where(exact, region_loss, gap.pow(2).mean(dim=2))
-
-    region_loss = torch.where(nonempty, region_loss, torch.zeros_like(region_loss))
-    return region_loss.sum() / nonempty.sum().clamp_min(1).float()
 
 
 def dense_structured_consistency_loss(student_probs: Tensor, teacher_probs: Tensor) -> Tensor:
@@ -266,6 +408,10 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
     it stays finite when a probability underflows. Mean over valid pixels (0, in the graph,
     when there is none). ``window=1`` equals ``F.cross_entropy(..., ignore_index=...)``.
 
+    Only a pixel whose window holds more than one class differs from plain cross-entropy;
+    those pixels are found with a max- and a min-pool of the label map, and the relaxed term is
+    computed on them alone (their number is read on the host: a sync on an accelerator).
+
     Args:
         logits: ``(B, C, H, W)``.
         target: ``(B, H, W)`` class indices in ``[0, C)`` or ``ignore_index``.
@@ -279,16 +425,106 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
         raise ValueError(f"window must be an odd int >= 1, got {window!r}")
     valid = target != ignore_index
     classes = torch.where(valid, target, 0).long()
-    log_probs = F.log_softmax(logits.float(), dim=1)
     if window == 1:
-        # only the pixel's own class is present: the logsumexp below is its log-probability,
-        # exactly (max + log(exp(0))), so a gather gives the same loss and gradients bit for bit
-        per_pixel = -log_probs.gather(1, classes[:, None]).squeeze(1)
+        # only the pixel's own class is present: the masked logsumexp of Eq. 2 is its
+        # log-probability, exactly (max + log(exp(0))), so a gather gives the same loss and gradients
+        per_pixel = -F.log_softmax(logits.float(), dim=1).gather(1, classes[:, None]).squeeze(1)
     else:
-        one_hot = torch.zeros_like(logits, dtype=torch.float32)
-        one_hot.scatter_(1, classes[:, None], valid[:, None].float())
-        present = F.max_pool2d(one_hot, window, stride=1, padding=window // 2) > 0
-        present = present | ~valid[:, None]  # keeps ignored pixels finite; they are masked below
-        per_pixel = -torch.logsumexp(log_probs.masked_fill(~present, float("-inf")), dim=1)
+        per_pixel = _relaxed_nll(logits.float(), classes, valid, window)
     per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
     return per_pixel.sum() / valid.sum().clamp_min(1).float()
+
+
+def _relaxed_nll(logits: Tensor, classes: Tensor, valid: Tensor, window: int) -> Tensor:
+    """``-logsumexp`` of the log-probabilities of the classes present in each pixel's window.
+
+    Args:
+        logits: ``(B, C, H, W)`` float32.
+        classes: ``(B, H, W)`` class indices (any class where ``valid`` is False).
+        valid: ``(B, H, W)`` bool, the pixels that bring their class to the windows around them.
+    Returns:
+        ``(B, H, W)``: the relaxed term at valid pixels with a mixed window, minus the
+        log-probability of the own class elsewhere.
+    """
+    batch, channels, height, width = logits.shape
+    mixed = _mixed_windows(classes, valid, window)
+    where = mixed.reshape(-1).nonzero().squeeze(1)  # flat b * HW + y * W + x
+    present = _window_classes(classes, valid, window, where, channels)  # (C, K)
+    own, cells = _LogSoftmaxPick.apply(logits, classes, where)
+    relaxed = -torch.logsumexp(torch.where(present, cells, float("-inf")), dim=0)
+    return (-own).scatter(0, where, relaxed).view(batch, height, width)
+
+
+class _LogSoftmaxPick(torch.autograd.Function):
+    """``log_softmax(logits, 1)`` read at each pixel's own class and at every class of some pixels.
+
+    Inputs: ``logits`` ``(B, C, H, W)`` float32, ``classes`` ``(B, H, W)``, ``where`` ``(K,)`` flat
+    pixels ``b * HW + p``. Outputs: ``(B * HW,)`` and ``(C, K)`` (class-major, so that reductions
+    over classes run along the outer dim). The backward pass is the log-softmax one,
+    ``grad - softmax * sum_c grad``, with the sparse ``grad`` added in place: no dense map of
+    zeros is built and read.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, classes: Tensor, where: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        batch, channels, height, width = logits.shape
+        n_pixels = height * width
+        log_probs = F.log_softmax(logits, dim=1)
+        index = torch.empty(batch * n_pixels + channels * where.numel(), dtype=torch.long, device=logits.device)
+        own, cells = index.split([batch * n_pixels, channels * where.numel()])
+        first_plane = torch.arange(batch, device=logits.device)[:, None] * (channels * n_pixels)
+        first_plane = first_plane + torch.arange(n_pixels, device=logits.device)
+        torch.add(first_plane, classes.reshape(batch, -1), alpha=n_pixels, out=own.view(batch, n_pixels))
+        plane = torch.arange(channels, device=logits.device)[:, None] * n_pixels
+        torch.add(plane, (where // n_pixels) * (channels * n_pixels) + where % n_pixels, out=cells.view(channels, -1))
+        picked_own, picked_cells = log_probs.reshape(-1).take(index).split([own.numel(), cells.numel()])
+        ctx.save_for_backward(log_probs, index, where)
+        return picked_own, picked_cells.view(channels, -1)
+
+    @staticmethod
+    def backward(ctx, grad_own: Tensor, grad_cells: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        log_probs, index, where = ctx.saved_tensors
+        batch, channels = log_probs.shape[:2]
+        per_pixel = grad_own.index_add(0, where, grad_cells.sum(dim=0))  # sum over classes of the grad
+        grad = log_probs.exp().mul_(per_pixel.neg().view(batch, 1, *log_probs.shape[2:]))
+        grad.view(-1).index_add_(0, index, torch.cat([grad_own, grad_cells.reshape(-1)]))
+        return grad, None, None
+
+
+def _mixed_windows(classes: Tensor, valid: Tensor, window: int) -> Tensor:
+    """``(B, H, W)`` bool: valid pixels whose window (clipped at the border) holds two or more classes."""
+    label = classes.int()
+    high = _window_extreme(torch.where(valid, label, -1), window // 2, torch.maximum)  # -1, 2^31 - 1: no class
+    low = _window_extreme(torch.where(valid, label, torch.iinfo(torch.int32).max), window // 2, torch.minimum)
+    return valid & (high > low)
+
+
+def _window_extreme(x: Tensor, radius: int, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Max or min (``op``) of ``(B, H, W)`` over each ``(2 radius + 1)^2`` window clipped at the border.
+
+    Separable: over rows, then over columns, one shifted slice at a time.
+    """
+    out = x.clone()
+    for dim in (1, 2):
+        source = out.clone()
+        size = out.shape[dim]
+        for d in range(1, min(radius, size - 1) + 1):
+            ahead, behind = out.narrow(dim, d, size - d), out.narrow(dim, 0, size - d)
+            ahead.copy_(op(ahead, source.narrow(dim, 0, size - d)))
+            behind.copy_(op(behind, source.narrow(dim, d, size - d)))
+    return out
+
+
+def _window_classes(classes: Tensor, valid: Tensor, window: int, where: Tensor, channels: int) -> Tensor:
+    """``(C, K)`` bool: the classes of the valid pixels in the windows of the flat pixels ``where``."""
+    _, height, width = classes.shape
+    r = window // 2
+    label = F.pad(torch.where(valid, classes, channels), (r, r, r, r), value=channels)  # C: no class
+    padded_h, padded_w = height + 2 * r, width + 2 * r
+    image, pixel = where // (height * width), where % (height * width)
+    centre = image * padded_h * padded_w + (pixel // width + r) * padded_w + pixel % width + r
+    step = torch.arange(-r, r + 1, device=where.device)
+    around = (step[:, None] * padded_w + step).reshape(-1)  # (window^2,)
+    neighbours = label.reshape(-1)[around[:, None] + centre]  # (window^2, K)
+    present = torch.zeros(channels + 1, where.numel(), dtype=torch.bool, device=where.device)
+    return present.scatter_(0, neighbours, True)[:channels]
