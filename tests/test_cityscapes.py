@@ -400,12 +400,32 @@ def test_class_uniform_fraction_and_random_crops():
     assert abs(np.mean(picks) - 0.3) < 0.04
     plain = TrainingView(ds, crop_size=(16, 16), centroids=centroids, fraction=0.0)
     assert all(plain.choose(i)[1] is None for i in range(10))
-    # a centred window always contains its centre, also at the image border and when padding
-    img = torch.arange(20 * 30, dtype=torch.float32).view(1, 20, 30)
-    for center in [(0, 0), (19, 29), (10, 15), (0, 29)]:
-        for crop in [(8, 8), (25, 40)]:
-            out, _ = scale_crop(img, None, crop, 1.0, center=center)
-            assert (out == center[0] * 30 + center[1]).any()
+
+
+def test_class_uniform_centroid_at_a_random_position_inside_the_crop():
+    """NVIDIA's rule: the crop start uniform among those whose crop holds the centroid, clamped
+    into the image; the label stays aligned with the image."""
+    height, width = 20, 30
+    index = torch.arange(height * width).view(height, width)
+    img = torch.stack([index // width, index % width]).float()  # each pixel holds its (y, x)
+    for center in [(0, 0), (19, 29), (10, 15), (0, 29), (6, 3)]:
+        for crop in [(8, 8), (5, 12), (25, 40)]:
+            positions = set()
+            for seed in range(200):
+                torch.manual_seed(seed)
+                out, mask = scale_crop(img, index, crop, 1.0, center=center, ignore_index=-1)
+                inside = mask >= 0
+                assert torch.equal(mask[inside], (out[0] * width + out[1]).long()[inside])  # aligned
+                hit = (mask == center[0] * width + center[1]).nonzero()
+                assert len(hit) == 1, (center, crop, seed)  # the centroid is inside the crop
+                positions.add(tuple(hit[0].tolist()))
+            # along each axis, every position the image allows (the crop inside it where it fits) is reached
+            ys = range(max(0, center[0] - (height - crop[0])), min(crop[0], center[0] + 1)) if crop[0] < height else [None]
+            xs = range(max(0, center[1] - (width - crop[1])), min(crop[1], center[1] + 1)) if crop[1] < width else [None]
+            if ys != [None]:
+                assert {y for y, _ in positions} == set(ys), (center, crop)
+            if xs != [None]:
+                assert {x for _, x in positions} == set(xs), (center, crop)
 
 
 def test_class_uniform_through_build_data(tree):

@@ -121,3 +121,32 @@ def test_multi_scale_flip_and_tiles_together_keep_probabilities_normalised() -> 
     out = predict_probs(model, images, scales=(0.5, 1.0, 1.5), flip=True, tile=(16, 16), overlap=1 / 3)
     assert out.shape == (1, 3, 33, 45)
     torch.testing.assert_close(out.sum(1), torch.ones(1, 33, 45), rtol=1e-5, atol=1e-5)
+
+
+def test_the_tiles_protocol_is_the_default_and_unknown_protocols_are_refused() -> None:
+    model = SymmetricConv().eval()
+    images = torch.rand(1, 3, 25, 31)
+    default = predict_probs(model, images, tile=(12, 12))
+    assert torch.equal(predict_probs(model, images, tile=(12, 12), protocol="tiles"), default)
+    with pytest.raises(ValueError, match="eval.protocol"):
+        predict_probs(model, images, protocol="sliding")
+
+
+@pytest.mark.parametrize("protocol", ["unimatch_v1", "unimatch_v2"])
+def test_unimatch_windows_compose_with_scales_and_flip(protocol) -> None:
+    model = SymmetricConv().eval()
+    images = torch.rand(1, 3, 30, 44)
+    out = predict_probs(model, images, scales=(0.75, 1.0), flip=True, tile=(12, 12), protocol=protocol)
+    assert out.shape == (1, 3, 30, 44)
+    torch.testing.assert_close(out.sum(1), torch.ones(1, 30, 44), rtol=1e-5, atol=1e-5)
+    resize = torch.nn.functional.interpolate
+    parts = []
+    for scale in (0.75, 1.0):
+        scaled = resize(images, size=(round(30 * scale), round(44 * scale)), mode="bilinear", align_corners=False) \
+            if scale != 1.0 else images
+        for flipped in (False, True):
+            inp = scaled.flip(-1) if flipped else scaled
+            probs = predict_probs(model, inp, tile=(12, 12), protocol=protocol)
+            probs = probs.flip(-1) if flipped else probs
+            parts.append(resize(probs, size=(30, 44), mode="bilinear", align_corners=False) if scale != 1.0 else probs)
+    torch.testing.assert_close(out, sum(parts) / 4, rtol=1e-6, atol=1e-6)

@@ -1,13 +1,15 @@
 """Model builder: parameter counts against the references, output shapes and feature strides,
-and loading encoder weights from local files (never downloaded).
+and loading weights from local files (never downloaded).
 
 The Wider ResNet-38 DeepLabV3+ (137M parameters) is built once per module; its forward passes are
-single small images in eval mode.
+single small images in eval mode. The published files of NVIDIA and UniMatch, and the reference
+forward passes, are in ``test_published_weights.py``.
 """
 
 from __future__ import annotations
 
 import gc
+import typing
 from unittest import mock
 
 import pytest
@@ -20,6 +22,7 @@ from sclseg.models import MODEL_NAMES, PretrainedReport, create_model, load_enco
 from sclseg.models.compact import CompactEncoder
 from sclseg.models.resnet import ResNetEncoder
 from sclseg.models.wrn38 import WRN38_CHANNELS, WRN38_STRUCTURE, WiderResNet38
+from sclseg.models.resnet_deepstem import DeepStemDeepLabV3Plus
 
 NUM_CLASSES = 19
 REFERENCE_WRN38_PARAMS = 137.1e6  # Zhu et al.'s DeepWV3Plus for 19 classes ("about 137.1M")
@@ -64,13 +67,16 @@ def forward_with_features(model: nn.Module, x: torch.Tensor):
 
 
 def test_model_names_and_unknown_name_lists_them():
-    assert MODEL_NAMES == ("compact", "deeplabv3plus_wrn38", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101")
+    assert {"compact", "deeplabv3plus_wrn38", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101",
+            "deeplabv3plus_resnet50_deepstem", "deeplabv3plus_resnet101_deepstem"} <= set(MODEL_NAMES)
     with pytest.raises(ConfigError) as info:
         create_model(ModelConfig(name="deeplabv3plus_resnet18"), NUM_CLASSES)
     for name in MODEL_NAMES:
         assert name in str(info.value)
     with pytest.raises(ConfigError, match="num_classes"):
         create_model(ModelConfig(name="compact"), 0)
+    # the config accepts exactly the names the builder knows
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["name"]) == MODEL_NAMES
 
 
 # --------------------------------------------------------------------------- Wider ResNet-38
@@ -101,16 +107,9 @@ def reference_deepwv3plus_params(num_classes: int) -> int:
 
 
 def test_wrn38_parameter_count_matches_reference(wrn38):
-    total = n_params(wrn38)
-    reference = reference_deepwv3plus_params(NUM_CLASSES)
-    assert reference == 137_103_936
-    assert total == 137_112_755
-    # Within 0.05% of the published "about 137.1M" ...
-    assert abs(total - REFERENCE_WRN38_PARAMS) / REFERENCE_WRN38_PARAMS < 5e-4
-    # ... and the whole difference is accounted for: the trunk's final BN on 4096 channels (applied
-    # here, dropped by the reference), BN after the 48-channel and the ASPP 1x1 projections, classifier bias.
-    assert total - reference == 2 * 4096 + 2 * 48 + 2 * 256 + NUM_CLASSES
-    assert n_params(wrn38.encoder) == 105_070_912
+    assert n_params(wrn38) == reference_deepwv3plus_params(NUM_CLASSES) == 137_103_936
+    assert abs(n_params(wrn38) - REFERENCE_WRN38_PARAMS) / REFERENCE_WRN38_PARAMS < 5e-4  # "about 137.1M"
+    assert n_params(wrn38.encoder) == 105_062_720  # no trunk-final BN: ASPP reads mod7's raw output
 
 
 def test_wrn38_block_structure(wrn38):
@@ -136,8 +135,11 @@ def test_wrn38_block_structure(wrn38):
             assert [d.p for d in drops] == ([expected_dropout[i + 2]] if i + 2 in expected_dropout else [])
             assert (block.proj_conv is not None) == (cin != channels[-1] or strided)
             cin = channels[-1]
-    # Zhu et al.'s head has no dropout after the ASPP projection.
-    assert not any(isinstance(m, nn.Dropout) and m.p > 0 for m in wrn38.aspp.modules())
+    # Zhu et al.'s head: no dropout; bot_fine and bot_aspp are plain 1x1 convolutions without bias.
+    assert not any(isinstance(m, nn.Dropout) for m in wrn38.aspp.modules())
+    for conv, shape in ((wrn38.bot_fine, (48, 128, 1, 1)), (wrn38.bot_aspp, (256, 1280, 1, 1))):
+        assert isinstance(conv, nn.Conv2d) and conv.weight.shape == shape and conv.bias is None
+    assert wrn38.final[-1].bias is None
 
 
 def test_wrn38_os16_moves_the_stride_into_mod5_and_halves_dilations():
@@ -145,7 +147,7 @@ def test_wrn38_os16_moves_the_stride_into_mod5_and_halves_dilations():
     assert enc.mod4.block1.convs.conv1.stride == (2, 2)
     assert enc.mod5.block1.convs.conv1.stride == (2, 2) and enc.mod5.block1.convs.conv1.dilation == (1, 1)
     assert enc.mod6.block1.convs.conv2.dilation == (2, 2) and enc.mod7.block1.convs.conv2.dilation == (2, 2)
-    assert n_params(enc) == 105_070_912
+    assert n_params(enc) == 105_062_720
     with pytest.raises(ValueError):
         WiderResNet38(32)
 
@@ -159,8 +161,8 @@ def test_wrn38_key_names_follow_the_public_checkpoints(wrn38):
     assert shapes["mod4.block1.proj_conv.weight"] == (512, 256, 1, 1)
     assert shapes["mod6.block1.convs.bn3.0.running_var"] == (1024,)
     assert shapes["mod7.block1.convs.conv3.weight"] == (4096, 2048, 1, 1)
-    assert shapes["bn_out.0.weight"] == (4096,)
     assert "mod2.block2.proj_conv.weight" not in shapes
+    assert not any(k.startswith(("bn_out.", "classifier.")) for k in shapes)  # not part of DeepWV3Plus
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
@@ -175,8 +177,48 @@ def test_wrn38_output_size_and_feature_strides(wrn38, output_stride):
     assert torch.isfinite(logits).all()
     assert low.shape == (1, 128, 32, 32)  # mod2, stride 2
     assert high.shape == (1, 4096, 64 // output_stride, 64 // output_stride)
-    aspp_rates = [b[0].dilation[0] for b in model.aspp.branches[1:]]
+    aspp_rates = [b[0].dilation[0] for b in model.aspp.features[1:]]
     assert aspp_rates == ([12, 24, 36] if output_stride == 8 else [6, 12, 18])
+
+
+def test_wrn38_weight_init_follows_the_reference(wrn38):
+    """NVIDIA's ``initialize_weights(self.final)``: Kaiming-normal (fan-in); the rest PyTorch's
+    defaults (Kaiming-uniform with a = sqrt(5): uniform within 1 / sqrt(fan_in))."""
+    conv = wrn38.final[0]
+    std = (2.0 / conv.weight[0].numel()) ** 0.5
+    assert float(conv.weight.detach().std()) == pytest.approx(std, rel=0.02)
+    weight = wrn38.bot_aspp.weight.detach()
+    bound = 1.0 / weight[0].numel() ** 0.5
+    assert float(weight.abs().max()) <= bound
+    assert float(weight.std()) == pytest.approx(bound / 3**0.5, rel=0.02)
+
+
+# --------------------------------------------------------------------------- deep-stem ResNet (UniMatch V1)
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_deepstem_dilation_follows_unimatch(output_stride):
+    """``replace_stride_with_dilation`` [F, F, T] (OS 16) / [F, T, T] (OS 8): the first block of a
+    dilated layer keeps the previous dilation, the stride sits on the 3x3 conv."""
+    model = DeepStemDeepLabV3Plus(NUM_CLASSES, 50, output_stride)
+    enc = model.encoder
+    dilations = {name: [b.conv2.dilation[0] for b in getattr(enc, name)] for name in ("layer2", "layer3", "layer4")}
+    strides = {name: getattr(enc, name)[0].conv2.stride[0] for name in ("layer2", "layer3", "layer4")}
+    if output_stride == 16:
+        assert dilations == {"layer2": [1] * 4, "layer3": [1] * 6, "layer4": [1, 2, 2]}
+        assert strides == {"layer2": 2, "layer3": 2, "layer4": 1}
+    else:
+        assert dilations == {"layer2": [1] * 4, "layer3": [1] + [2] * 5, "layer4": [2, 4, 4]}
+        assert strides == {"layer2": 2, "layer3": 1, "layer4": 1}
+    assert all(b.conv1.stride == (1, 1) for layer in (enc.layer1, enc.layer2) for b in layer)
+    assert [b[0].dilation[0] for b in (model.head.b1, model.head.b2, model.head.b3)] == (
+        [6, 12, 18] if output_stride == 16 else [12, 24, 36])
+    x = torch.rand(1, 3, 32, 48)
+    with torch.no_grad():
+        c1, c4 = model.features(x)
+        logits = model.eval()(x)
+    assert c1.shape == (1, 256, 8, 12) and c4.shape == (1, 2048, 32 // output_stride, 48 // output_stride)
+    assert logits.shape == (1, NUM_CLASSES, 32, 48)
 
 
 # --------------------------------------------------------------------------- ResNet
@@ -250,23 +292,34 @@ def test_pretrained_round_trip_strips_prefixes(tmp_path, wrap):
     torch.save(wrap(state), path)
     model = create_model(compact_cfg(path), 4)
     assert_loaded(model.encoder, state)
-    assert isinstance(model.pretrained_report, PretrainedReport)
-    assert sorted(model.pretrained_report.loaded) == sorted(state)
+    assert isinstance(model.pretrained_report, PretrainedReport) and model.pretrained_report.scope == "encoder"
+    assert sorted(model.pretrained_report.loaded) == sorted(f"encoder.{k}" for k in state)
     assert model.pretrained_report.missing == [] and model.pretrained_report.unexpected == []
 
 
-def test_pretrained_whole_model_file_loads_the_encoder_and_reports_the_rest(tmp_path):
+def test_pretrained_whole_model_file_initialises_the_whole_network(tmp_path):
     source = create_model(compact_cfg(), 4)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    path = tmp_path / "whole.pt"
+    torch.save({"model": state}, path)
+    model = create_model(compact_cfg(path), 4)
+    assert model.pretrained_report.scope == "network" and model.pretrained_report.unexpected == []
+    assert_loaded(model, state)
+
+
+def test_pretrained_whole_model_of_other_classes_loads_the_encoder_and_reports_the_rest(tmp_path):
+    source = create_model(compact_cfg(), 7)
     state = {k: v + 1 if v.is_floating_point() else v for k, v in source.state_dict().items()}
     path = tmp_path / "whole.pt"
     torch.save({"model": state}, path)
     with pytest.warns(UserWarning, match="not in the encoder, ignored") as record:
         model = create_model(compact_cfg(path), 4)
+    assert model.pretrained_report.scope == "encoder"
     assert_loaded(model.encoder, {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")})
     assert "classifier.weight" in model.pretrained_report.unexpected
     message = str(record[0].message)
     assert "aspp.* (" in message and "classifier.* (2)" in message and "low_proj.* (" in message
-    assert not torch.equal(model.classifier.weight, state["classifier.weight"])  # the head is not loaded
+    assert not torch.equal(model.aspp.pool[1][0].weight, state["aspp.pool.1.0.weight"])  # the head is not loaded
 
 
 def test_pretrained_torchvision_file_loads_directly(tmp_path):
@@ -283,28 +336,17 @@ def test_pretrained_torchvision_file_loads_directly(tmp_path):
     assert model.pretrained_report.missing == []
 
 
-def test_pretrained_wrn38_reference_layout_without_final_bn(tmp_path, wrn38):
-    """Zhu et al.'s whole-model files: ``module.`` prefix, head tensors, no trunk ``bn_out``."""
-    encoder = wrn38.encoder
-    sample = ["mod1.conv1.weight", "mod2.block1.bn1.0.running_mean", "mod7.block1.convs.conv3.weight"]
-    original = {k: v.clone() for k, v in encoder.state_dict().items() if k.startswith("bn_out.") or k in sample}
-    state = {f"module.{k}": v for k, v in encoder.state_dict().items() if not k.startswith("bn_out.")}
-    for k in sample:
-        state[f"module.{k}"] = torch.full_like(state[f"module.{k}"], 0.5)
-    state["module.bot_fine.weight"] = torch.zeros(48, 128, 1, 1)
-    path = tmp_path / "cityscapes_best.pth"
-    torch.save({"state_dict": state, "epoch": 1}, path)
-    del state
-    try:
-        with pytest.warns(UserWarning, match=r"left as initialised: bn_out\.\* \(4\)"):
-            report = load_encoder_weights(encoder, path)
-        own = encoder.state_dict()
-        for k in sample:
-            assert (own[k] == 0.5).all(), k
-        assert report.unexpected == ["bot_fine.weight"]
-        assert report.missing == ["bn_out.0.weight", "bn_out.0.bias", "bn_out.0.running_mean", "bn_out.0.running_var"]
-    finally:  # the module-scoped model goes back to what it was
-        encoder.load_state_dict(original, strict=False)
+def test_load_encoder_weights_of_a_standalone_encoder(tmp_path):
+    """``load_encoder_weights(module, path)``: a whole sclseg model's file, its ``encoder.`` part."""
+    source = create_model(compact_cfg(), 4)
+    state = perturbed_state(source)
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    encoder = CompactEncoder(8)
+    with pytest.warns(UserWarning, match=r"not in the encoder, ignored: aspp\.\* \("):
+        report = load_encoder_weights(encoder, path)
+    assert report.scope == "encoder" and report.missing == []
+    assert_loaded(encoder, {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")})
 
 
 def test_pretrained_missing_file_names_the_path(tmp_path):
@@ -330,7 +372,7 @@ def test_pretrained_missing_tensors_are_an_error(tmp_path):
     state = CompactEncoder(8).state_dict()
     path = tmp_path / "partial.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("stage4.")}, path)
-    with pytest.raises(ConfigError, match=r"lacks \d+ of the CompactEncoder encoder's tensors \(stage4\."):
+    with pytest.raises(ConfigError, match=r"lacks \d+ of the DeepLabV3Plus encoder's tensors \(encoder\.stage4\."):
         create_model(compact_cfg(path), 4)
 
 
@@ -363,6 +405,6 @@ def test_pretrained_from_an_sclseg_training_checkpoint_takes_the_teacher(tmp_pat
     teacher = perturbed_state(student)
     path = tmp_path / "last.pt"
     torch.save({"student": student.state_dict(), "teacher": teacher, "num_classes": 4, "iteration": 7}, path)
-    with pytest.warns(UserWarning, match="not in the encoder"):
-        model = create_model(compact_cfg(path), 4)
-    assert_loaded(model.encoder, {k[len("encoder.") :]: v for k, v in teacher.items() if k.startswith("encoder.")})
+    model = create_model(compact_cfg(path), 4)
+    assert model.pretrained_report.scope == "network"
+    assert_loaded(model, teacher)

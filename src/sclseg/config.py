@@ -7,8 +7,10 @@ wrong type are errors that name the key (and the nearest valid one).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,10 +119,21 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "compact"  # compact | deeplabv3plus_wrn38 | deeplabv3plus_resnet50 | deeplabv3plus_resnet101
+    name: Literal[
+        "compact",
+        "deeplabv3plus_wrn38",  # Zhu et al.'s DeepWV3Plus (NVIDIA sdcnet)
+        "deeplabv3plus_resnet50",
+        "deeplabv3plus_resnet101",
+        "deeplabv3plus_resnet50_deepstem",  # UniMatch V1's DeepLabV3+
+        "deeplabv3plus_resnet101_deepstem",
+        "dpt_dinov2_small",
+        "dpt_dinov2_base",
+        "dpt_dinov2_large",
+    ] = "compact"
     output_stride: Literal[8, 16] = 8
     width: int = 32  # base channel count of the compact model
-    pretrained: Optional[str] = None  # local file with encoder weights, never downloaded
+    pretrained: Optional[str] = None  # local file of the whole network's or the encoder's weights, never downloaded
+    pretrained_weights: Literal["ema", "model"] = "ema"  # of a file with both (UniMatch V2's model_ema/model, sclseg's teacher/student)
 
 
 @dataclass
@@ -149,6 +162,9 @@ class OptimConfig:
     weight_decay: float = 0.001
     poly_power: float = 1.0
     nesterov: bool = False
+    name: Literal["sgd", "adamw"] = "sgd"  # adamw: as UniMatch V2 (see sclseg.engine.optim)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    head_lr_multiplier: float = 1.0  # lr factor of every parameter outside model.encoder (UniMatch V2: 40)
 
 
 @dataclass
@@ -163,6 +179,7 @@ class TrainConfig:
     threads: Optional[int] = None  # torch intra-op threads on CPU
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
     grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step (one iteration)
+    activation_checkpointing: Literal["off", "encoder", "all"] = "off"  # recompute encoder blocks (and the decoder: all) in backward to save memory
     channels_last: bool = False  # NHWC memory format for the model and its inputs
     compile: bool = False  # torch.compile the student (slow first steps; mostly for GPUs)
     sync_bn: bool = True  # synchronize the student's BatchNorm statistics across processes (DDP)
@@ -176,7 +193,9 @@ class EvalConfig:
     flip: bool = False
     tile: Optional[list[int]] = None  # sliding-window tile H, W; None = whole image
     tile_overlap: float = 1.0 / 3.0
+    protocol: Literal["tiles", "unimatch_v1", "unimatch_v2"] = "tiles"  # window placement (sclseg.engine.inference); unimatch_*: tile = window (default 801 / 798)
     batch_size: int = 16
+    boundary_width: int = 3  # boundary_miou scores the pixels within this many pixels of a label edge; 0 = off
 
 
 @dataclass
@@ -307,12 +326,15 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = apply_overrides(data, overrides or [])
     try:
-        return config_from_dict(data)
+        return config_from_dict(apply_overrides(copy.deepcopy(data), overrides or []))
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
-        raise ConfigError(f"{where}{exc}") from None
+        error = exc
+    try:  # whose mistake: the file's, or the command line's?
+        config_from_dict(data)
+    except ConfigError:
+        raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+    raise ConfigError(f"command-line override ({' '.join(overrides or [])}): {error}") from None
 
 
 def resolve_config_path(name: str) -> Path:
@@ -327,18 +349,94 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config '{name}' is neither a file nor a packaged config ({', '.join(available)})")
 
 
+def _check(ok: bool, key: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _validate_data(d: DataConfig, method: str) -> None:
+    _check(len(d.crop_size) == 2 and all(v >= 1 for v in d.crop_size), "data.crop_size", "[height, width] >= 1",
+           d.crop_size)
+    _check(len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range",
+           "[low, high] with 0 < low <= high", d.scale_range)
+    _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    if method != "supervised":
+        _check(d.unlabeled_batch_size >= 2, "data.unlabeled_batch_size", ">= 2 (unlabeled images are mixed in pairs)",
+               d.unlabeled_batch_size)
+    _check(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
+    _check(d.color_jitter >= 0, "data.color_jitter", ">= 0", d.color_jitter)
+    _check(0 <= d.blur_prob <= 1, "data.blur_prob", "a probability in [0, 1]", d.blur_prob)
+    _check(0 <= d.ignore_index <= 255, "data.ignore_index", "a label value in 0..255", d.ignore_index)
+    g = d.digits
+    _check(1 <= g.n_labeled <= g.n_train, "data.digits.n_labeled", f"1..n_train ({g.n_train})", g.n_labeled)
+    _check(1 <= g.min_digits <= g.max_digits, "data.digits.min_digits", f"1..max_digits ({g.max_digits})", g.min_digits)
+    _check(len(g.digit_scale) == 2 and 1 <= g.digit_scale[0] <= g.digit_scale[1]
+           and 8 * g.digit_scale[1] <= g.image_size, "data.digits.digit_scale",
+           f"[low, high] with 8 * high <= image_size ({g.image_size})", g.digit_scale)
+    f = d.folder
+    if d.name == "folder":
+        _check(not 0 <= f.ignore_value < len(f.classes), "data.folder.ignore_value",
+               f"a value that is no class index (classes are 0..{len(f.classes) - 1})", f.ignore_value)
+    _check(0 <= f.val_fraction < 1, "data.folder.val_fraction", "a share in [0, 1)", f.val_fraction)
+    for key, share in (("data.folder.labeled_fraction", f.labeled_fraction),
+                       ("data.cityscapes.labeled_fraction", d.cityscapes.labeled_fraction)):
+        _check(share is None or 0 < share <= 1, key, "None or a share in (0, 1]", share)
+    c = d.cityscapes
+    if d.name == "cityscapes":
+        _check(d.ignore_index == 255, "data.ignore_index", "255 for Cityscapes (its train-id ignore value)",
+               d.ignore_index)
+    chosen = [k for k in ("split_dir", "labeled_fraction", "labeled_count") if getattr(c, k) is not None]
+    _check(len(chosen) <= 1, "data.cityscapes", "at most one of split_dir, labeled_fraction, labeled_count", chosen)
+    _check(c.labeled_count is None or c.labeled_count >= 1, "data.cityscapes.labeled_count", ">= 1", c.labeled_count)
+    u = d.class_uniform
+    _check(0 <= u.fraction <= 1, "data.class_uniform.fraction", "a share in [0, 1]", u.fraction)
+    _check(u.tile_size >= 1, "data.class_uniform.tile_size", ">= 1", u.tile_size)
+
+
+def _validate_method(m: MethodConfig) -> None:
+    _check(m.n_boxes >= 1, "method.n_boxes", ">= 1", m.n_boxes)
+    _check(1 <= m.last_boxes <= m.n_boxes, "method.last_boxes", f"1..method.n_boxes ({m.n_boxes})", m.last_boxes)
+    _check(0 < m.box_area < 1, "method.box_area", "a share of the image in (0, 1)", m.box_area)
+    _check(m.max_pairs is None or m.max_pairs >= 1, "method.max_pairs", "None (all pairs) or >= 1", m.max_pairs)
+    _check(m.lambda_c >= 0, "method.lambda_c", ">= 0", m.lambda_c)
+    _check(m.lambda_sc >= 0, "method.lambda_sc", ">= 0", m.lambda_sc)
+    _check(0 <= m.ema_decay <= 1, "method.ema_decay", "a decay in [0, 1]", m.ema_decay)
+    _check(m.relax_window >= 1 and m.relax_window % 2 == 1, "method.relax_window", "an odd integer >= 1",
+           m.relax_window)
+    _check(m.rampup_iters >= 0, "method.rampup_iters", ">= 0", m.rampup_iters)
+    _check(m.unlabeled_start >= 0, "method.unlabeled_start", ">= 0", m.unlabeled_start)
+    _check(m.confidence is None or 0 <= m.confidence < 1, "method.confidence",
+           "None or a probability in [0, 1) (the teacher's top probability must exceed it)", m.confidence)
+
+
+def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
+    _check(o.lr > 0, "optim.lr", "> 0", o.lr)
+    _check(0 <= o.momentum < 1, "optim.momentum", "a value in [0, 1)", o.momentum)
+    _check(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
+    _check(o.poly_power >= 0, "optim.poly_power", ">= 0", o.poly_power)
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", "two numbers in [0, 1)", o.betas)
+    _check(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", o.head_lr_multiplier)
+    for key in ("iterations", "grad_accum", "keep_last", "log_interval", "eval_interval", "checkpoint_interval"):
+        _check(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
+    _check(bool(_DEVICE.match(t.device)), "train.device", "auto, cpu, cuda or cuda:N", t.device)
+    _check(t.threads is None or t.threads >= 1, "train.threads", "None or >= 1", t.threads)
+    _check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), "eval.scales", "a non-empty list of scales > 0",
+           e.scales)
+    _check(e.tile is None or (len(e.tile) == 2 and all(v >= 1 for v in e.tile)), "eval.tile",
+           "None (whole image) or [height, width] >= 1", e.tile)
+    _check(0 <= e.tile_overlap < 1, "eval.tile_overlap", "a share in [0, 1)", e.tile_overlap)
+    _check(e.batch_size >= 1, "eval.batch_size", ">= 1", e.batch_size)
+    _check(e.boundary_width >= 0, "eval.boundary_width", ">= 0 (0 turns boundary_miou off)", e.boundary_width)
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks the types alone cannot express."""
-    m = cfg.method
-    if m.last_boxes > m.n_boxes:
-        raise ConfigError(f"method.last_boxes ({m.last_boxes}) must be <= method.n_boxes ({m.n_boxes})")
-    if m.relax_window < 1 or m.relax_window % 2 == 0:
-        raise ConfigError(f"method.relax_window must be an odd integer >= 1, got {m.relax_window}")
-    if not 0.0 <= m.ema_decay <= 1.0:
-        raise ConfigError(f"method.ema_decay must be in [0, 1], got {m.ema_decay}")
-    if m.name != "supervised" and cfg.data.unlabeled_batch_size < 2:
-        raise ConfigError("data.unlabeled_batch_size must be >= 2: unlabeled images are mixed in pairs")
-    if len(cfg.data.crop_size) != 2:
-        raise ConfigError(f"data.crop_size must be [height, width], got {cfg.data.crop_size}")
-    if cfg.train.iterations < 1:
-        raise ConfigError(f"train.iterations must be >= 1, got {cfg.train.iterations}")
+    """Ranges and cross-field checks the types alone cannot express, each naming its key.
+
+    Runs once, when a config is loaded, before any data is touched.
+    """
+    _validate_data(cfg.data, cfg.method.name)
+    _validate_method(cfg.method)
+    _validate_training(cfg.optim, cfg.train, cfg.eval)

@@ -5,8 +5,11 @@ Label Relaxation", CVPR 2019): every labeled label map is cut into ``tile_size``
 class present in a tile, its centroid (mean pixel position in the tile) is recorded. When a
 labeled sample is drawn, with probability ``fraction`` a class is chosen uniformly among the
 classes that occur anywhere in the labeled set, then one of its recorded centroids uniformly;
-the crop is taken from that centroid's image, centred on it. Otherwise the sampler's own image
-is cropped at a random position. Rare classes are thus seen as often as common ones.
+the crop is taken from that centroid's image with the centroid at a random position inside it:
+along each axis the crop's start is uniform among the starts whose crop holds the centroid, then
+moved into the image where the crop would leave it (NVIDIA's ``RandomCrop`` with a centroid draws
+from one more start, which puts the centroid just outside the crop). Otherwise the sampler's own
+image is cropped at a random position. Rare classes are thus seen as often as common ones.
 
 Departure from Zhu et al.'s code, on purpose: a centroid of a non-convex region can fall outside
 it, so each centroid is snapped to the class pixel nearest to it (ties: first in row-major
@@ -178,13 +181,19 @@ def class_centroids(
 
 
 def _window_start(size: int, window: int, center: Optional[int]) -> int:
-    """Top/left of a ``window`` on an axis of ``size`` pixels (random, or containing ``center``)."""
+    """Top/left of a ``window`` on an axis of ``size`` pixels (torch RNG).
+
+    Without ``center``: uniform over the windows inside the axis. With ``center``: uniform over the
+    starts ``center - window + 1 .. center`` (the centre at any position of the window), then
+    clamped into the axis, which keeps the centre inside. A window at least as long as the axis
+    covers all of it, the image at a random place inside the window.
+    """
     if window >= size:
-        # the window covers the whole axis: the image lands at a random place inside it
         return -int(torch.randint(0, window - size + 1, ()))
     if center is None:
         return int(torch.randint(0, size - window + 1, ()))
-    return min(max(center - window // 2, 0), size - window)
+    start = center - window + 1 + int(torch.randint(0, window, ()))
+    return min(max(start, 0), size - window)
 
 
 def _cut(x: Tensor, y0: int, x0: int, h: int, w: int, fill: float) -> Tensor:
@@ -212,8 +221,8 @@ def scale_crop(
     """Rescale by ``scale`` and crop ``crop_size``: equivalent to resizing the whole image, then
     cropping, but only the ``crop / scale`` window is resampled.
 
-    ``center=(y, x)`` (source pixel) lies inside the window; ``None`` places it at random (torch
-    RNG). Outside the image: 0 for the image, ``ignore_index`` for the mask. Images resample
+    ``center=(y, x)`` (source pixel) lies at a random position inside the window; ``None``: the
+    window is placed at random (torch RNG). Outside the image: 0 for the image, ``ignore_index`` for the mask. Images resample
     bilinearly with antialiasing, masks with exact nearest neighbour. A uint8 image comes back
     as float in ``[0, 1]`` (only the window is converted).
     """
@@ -260,7 +269,8 @@ class TrainingView(SegmentationDataset):
     uniform in ``scale_range``; for a labeled view with ``centroids``, with probability
     ``fraction`` a class-centred crop (class uniform among the classes with centroids, then a
     centroid uniform; the image is the centroid's, not ``index``'s), else a random crop of
-    ``index``; then ``tail`` (flip, colour jitter, blur).
+    ``index``; then ``tail`` (flip, colour jitter, blur). The centroid lies at a random position in
+    its crop (see :func:`scale_crop`).
     """
 
     def __init__(
@@ -295,7 +305,7 @@ class TrainingView(SegmentationDataset):
         return self.base.load(index)
 
     def choose(self, index: int) -> tuple[int, Optional[tuple[int, int]], Optional[int]]:
-        """``(image index, crop centre or None, chosen class or None)`` for sample ``index``."""
+        """``(image index, centroid ``(y, x)`` to crop around or None, chosen class or None)`` for sample ``index``."""
         if self.fraction > 0 and float(torch.rand(())) < self.fraction:
             c = self.centroid_classes[int(torch.randint(len(self.centroid_classes), ()))]
             rows = self.centroids[c]

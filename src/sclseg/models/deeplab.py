@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ASPP", "DeepLabV3Plus", "Encoder", "conv_bn_relu"]
+__all__ = ["ASPP", "DeepLabV3Plus", "Encoder", "conv_bn_relu", "upsample_aligned"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -21,6 +21,12 @@ def conv_bn_relu(cin: int, cout: int, kernel: int = 3, *, stride: int = 1, dilat
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
+
+
+def upsample_aligned(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize of ``(B, C, h, w)`` to ``size`` with ``align_corners=True`` (the resize of
+    NVIDIA's and UniMatch's networks)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class Encoder(nn.Module):

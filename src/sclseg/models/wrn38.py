@@ -1,6 +1,12 @@
-"""Wider ResNet-38 "A2" (Rota Bulo et al., 2018) with dilation, the encoder of Zhu et al. (2019).
+"""Zhu et al.'s DeepLabV3+ on a dilated Wider ResNet-38 "A2" (Rota Bulo et al., 2018).
 
-Layout (pre-activation residual blocks: BN-ReLU before every convolution)::
+:class:`DeepWV3Plus` computes what ``DeepWV3Plus`` of NVIDIA's ``semantic-segmentation`` (branch
+``sdcnet``, the code of Zhu et al., 2019) computes. Its ``state_dict`` has that network's key names,
+the trunk's under ``encoder.`` (NVIDIA's ``mod1.conv1.weight`` is ``encoder.mod1.conv1.weight`` here;
+``aspp.features.0.0.weight`` is the same), so NVIDIA's files load through
+:mod:`sclseg.models.weights` with exactly that renaming.
+
+Trunk (pre-activation residual blocks: BN-ReLU before every convolution)::
 
     mod1  3x3 conv, 64                                stride 1
     pool2 3x3 max-pool, stride 2
@@ -11,11 +17,19 @@ Layout (pre-activation residual blocks: BN-ReLU before every convolution)::
     mod5  3 blocks (512, 1024)          dilation 2    stride 8   (OS 16: first strided, dilation 1)
     mod6  1 bottleneck (512, 1024, 2048) dilation 4, channel dropout 0.3   (OS 16: dilation 2)
     mod7  1 bottleneck (1024, 2048, 4096) dilation 4, channel dropout 0.5  (OS 16: dilation 2)
-    bn_out BN-ReLU on the 4096 channels                                    <- high-level features
+                                                                   <- high-level features (raw)
 
-Module and parameter names follow the public checkpoints of this network (``mod2.block1.bn1.0.weight``,
-``mod2.block1.convs.conv1.weight``, ``mod2.block1.proj_conv.weight``, ``bn_out.0.weight``, ...), so an
-ImageNet ``wider_resnet38.pth.tar`` loads into :class:`WiderResNet38` without renaming.
+The ImageNet classifier's final ``bn_out`` (BN-ReLU) and ``classifier.fc`` are not part of the
+segmentation network: ASPP reads mod7's output as it is.
+
+Head (every upsampling bilinear with ``align_corners=True``)::
+
+    aspp      image pooling, 1x1, 3x3 at rates 12/24/36 (OS 16: 6/12/18); each conv-BN-ReLU, 256 ch.,
+              concatenated in that order (1280 channels)
+    bot_aspp  1x1 conv 1280 -> 256 (no BN, no ReLU), upsampled to mod2's resolution
+    bot_fine  1x1 conv 128 -> 48 on mod2's output (no BN, no ReLU)
+    final     [bot_fine, bot_aspp] (304 ch.) -> 3x3 conv-BN-ReLU 256 -> 3x3 conv-BN-ReLU 256
+              -> 1x1 conv to the classes (no bias), upsampled to the input
 """
 
 from __future__ import annotations
@@ -23,11 +37,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Literal, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
-from sclseg.models.deeplab import Encoder
+from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, conv_bn_relu, upsample_aligned
 
-__all__ = ["WiderResNet38", "PreActBlock", "WRN38_STRUCTURE", "WRN38_CHANNELS"]
+__all__ = ["DeepWV3Plus", "WiderResNet38", "PreActBlock", "NvidiaASPP", "WRN38_STRUCTURE", "WRN38_CHANNELS"]
 
 WRN38_STRUCTURE = (3, 3, 6, 3, 1, 1)  # blocks in mod2 .. mod7
 WRN38_CHANNELS = ((128, 128), (256, 256), (512, 512), (512, 1024), (512, 1024, 2048), (1024, 2048, 4096))
@@ -83,18 +98,15 @@ class PreActBlock(nn.Module):
         return self.convs(pre) + shortcut
 
 
-class WiderResNet38(Encoder):
-    """The dilated Wider ResNet-38 A2 trunk; ``forward(x) -> (mod2 output, final BN-ReLU output)``.
+class WiderResNet38(nn.Module):
+    """The dilated Wider ResNet-38 A2 trunk; ``forward(x) -> (mod2 output, mod7 output)``.
 
+    ``x`` is ``(B, 3, H, W)`` normalised with the ImageNet statistics; the outputs are
+    ``(B, 128, H/2, W/2)`` and ``(B, 4096, H/8, W/8)`` (``H/16`` with ``output_stride=16``).
     ``output_stride=8``: stride 2 in mod4's first block, dilation 2 in mod5 and 4 in mod6-7 (Zhu et al.).
     ``output_stride=16``: stride 2 also in mod5's first block, dilations halved (1 in mod5, 2 in mod6-7).
-    The low-level features are mod2's output (stride 2, 128 channels), taken before the second
-    max-pool; the high-level features have 4096 channels.
+    Parameters keep PyTorch's default initialisation, as the reference's trunk.
     """
-
-    #: Zhu et al.'s whole-model checkpoints (DeepWV3Plus, e.g. Cityscapes or Mapillary trained) do not
-    #: use the trunk's final BN-ReLU and so lack ``bn_out``; it then keeps its initial values.
-    optional_pretrained_prefixes = ("bn_out.",)
 
     def __init__(self, output_stride: Literal[8, 16] = 8, *, dropout: tuple[float, float] = (0.3, 0.5)) -> None:
         super().__init__()
@@ -120,21 +132,71 @@ class WiderResNet38(Encoder):
                 blocks.append((f"block{b + 1}", block))
                 cin = channels[-1]
             self.add_module(f"mod{i + 2}", nn.Sequential(OrderedDict(blocks)))
-        self.bn_out = _bn_relu(cin)
         self.low_channels = WRN38_CHANNELS[0][-1]
         self.high_channels = cin
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         low = self.mod2(self.pool2(self.mod1(x)))
         x = self.mod3(self.pool3(low))
-        x = self.mod7(self.mod6(self.mod5(self.mod4(x))))
-        return low, self.bn_out(x)
+        return low, self.mod7(self.mod6(self.mod5(self.mod4(x))))
+
+
+class NvidiaASPP(nn.Module):
+    """ASPP of the reference: ``(B, cin, h, w) -> (B, 5 * cout, h, w)``, unprojected.
+
+    Output channels in order: image pooling (``img_conv``), the 1x1 (``features.0``), the 3x3 at
+    each rate (``features.1..``); every branch conv (no bias) - BN - ReLU.
+    """
+
+    def __init__(self, cin: int, cout: int, rates: Sequence[int]) -> None:
+        super().__init__()
+        self.features = nn.ModuleList(
+            [conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, dilation=r) for r in rates]
+        )
+        self.img_pooling = nn.AdaptiveAvgPool2d(1)
+        self.img_conv = conv_bn_relu(cin, cout, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = upsample_aligned(self.img_conv(self.img_pooling(x)), x.shape[-2:])
+        return torch.cat([pooled] + [branch(x) for branch in self.features], dim=1)
+
+
+class DeepWV3Plus(nn.Module):
+    """Zhu et al.'s segmentation network: images ``(B, 3, H, W)`` in ``[0, 1]`` -> logits ``(B, K, H, W)``.
+
+    ``encoder`` is the trunk; the head's modules (``aspp``, ``bot_fine``, ``bot_aspp``, ``final``)
+    carry the reference's names, so the ``state_dict`` keys are the reference's with the trunk's
+    under ``encoder.`` (:mod:`sclseg.models.weights` maps one onto the other). Images are
+    normalised inside with the ImageNet mean and std (the reference normalises in its data
+    pipeline). ``final`` is initialised as the reference does (Kaiming-normal convolutions, fan-in);
+    everything else keeps PyTorch's defaults.
+    """
+
+    def __init__(self, num_classes: int, output_stride: Literal[8, 16] = 8) -> None:
+        super().__init__()
+        self.encoder = WiderResNet38(output_stride)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        rates = (12, 24, 36) if output_stride == 8 else (6, 12, 18)
+        self.aspp = NvidiaASPP(self.encoder.high_channels, 256, rates)
+        self.bot_fine = nn.Conv2d(self.encoder.low_channels, 48, 1, bias=False)
+        self.bot_aspp = nn.Conv2d(256 * (len(rates) + 2), 256, 1, bias=False)
+        self.final = nn.Sequential(
+            nn.Conv2d(256 + 48, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1, bias=False),
+            nn.BatchNorm2d(256),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, num_classes, 1, bias=False),
+        )
+        for m in self.final.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+        self.num_classes = num_classes
+
+    def forward(self, images: Tensor) -> Tensor:
+        low, high = self.encoder((images - self.mean) / self.std)
+        context = upsample_aligned(self.bot_aspp(self.aspp(high)), low.shape[-2:])
+        logits = self.final(torch.cat([self.bot_fine(low), context], dim=1))
+        return upsample_aligned(logits, images.shape[-2:])

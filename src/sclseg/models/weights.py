@@ -1,0 +1,330 @@
+"""Weight files for ``model.pretrained``: whole networks and encoders, in sclseg's and published layouts.
+
+A file initialises either the **whole network** (every tensor of the model is in it, e.g. NVIDIA's
+``cityscapes_best.pth``, UniMatch's ``best.pth``, an sclseg checkpoint of the same model) or the
+**encoder** only (ImageNet or other pre-training files: NVIDIA's ``wider_resnet38.pth.tar``, UniMatch's
+``resnet101.pth``, torchvision's ``resnet50-*.pth``); the rest keeps its initial values.
+
+How a model's keys relate to the files published for it is one :class:`WeightLayout` per
+``model.name`` in :data:`LAYOUTS`. To let a model read a new published layout, give it a layout
+(``register_layout``) whose ``rename`` maps that file's key names onto the model's own and whose
+``containers`` say where the file keeps its tensors. Every file is read with
+:func:`sclseg.serialization.safe_load` (``weights_only=True`` plus exactly the NumPy scalar types
+published checkpoints hold); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from torch import nn
+
+from sclseg.config import ConfigError
+from sclseg.serialization import UnsafeFileError, safe_load
+
+__all__ = [
+    "WeightLayout",
+    "PretrainedReport",
+    "LAYOUTS",
+    "register_layout",
+    "layout_for",
+    "read_file",
+    "read_state",
+    "load_weights",
+    "load_encoder_weights",
+]
+
+_log = logging.getLogger("sclseg.models")
+
+Scope = Literal["network", "encoder"]
+
+
+def _same(key: str) -> Optional[str]:
+    return key
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How one model's ``state_dict`` relates to the weight files people have for it.
+
+    Attributes:
+        rename: maps a file's key (leading ``module.`` removed) to the model's key, or to None to
+            drop the tensor (e.g. a pre-training token the model has no use for). Keys the model
+            already uses must map to themselves, so that sclseg's own files keep loading.
+        containers: the dict keys under which checkpoints keep their weights, in order of preference.
+        encoder_keys: prefixes of the model's own keys that make up its encoder.
+        encoder_prefix: what goes in front of an encoder-only file's keys (after ``rename``) when the
+            model does not have them as they are (torchvision's ``conv1.weight`` is the model's
+            ``encoder.conv1.weight``).
+    """
+
+    rename: Callable[[str], Optional[str]] = _same
+    containers: tuple[str, ...] = ("state_dict", "model", "teacher", "student")
+    encoder_keys: tuple[str, ...] = ("encoder.",)
+    encoder_prefix: str = "encoder."
+
+
+#: The layout of sclseg's DeepLabV3+ models (an ``encoder`` submodule and a head).
+SCLSEG_LAYOUT = WeightLayout()
+
+#: ``model.name`` -> layout; models not listed use :data:`SCLSEG_LAYOUT`.
+LAYOUTS: dict[str, WeightLayout] = {}
+
+
+def register_layout(model_name: str, layout: WeightLayout) -> None:
+    """Make ``model.pretrained`` of ``model_name`` read files through ``layout``."""
+    LAYOUTS[model_name] = layout
+
+
+#: Containers of the trained (not averaged) network in files that hold an EMA copy beside it:
+#: UniMatch V2's ``model`` (beside ``model_ema``), sclseg's ``student`` (beside ``teacher``).
+_TRAINED_CONTAINERS = ("model", "student")
+
+
+def layout_for(model_name: str, weights: Literal["ema", "model"] = "ema") -> WeightLayout:
+    """The layout of ``model_name``; ``weights="model"`` (``model.pretrained_weights``) prefers the
+    trained network's container over the EMA one in files holding both."""
+    layout = LAYOUTS.get(model_name, SCLSEG_LAYOUT)
+    if weights == "ema":
+        return layout
+    if weights != "model":
+        raise ConfigError(f"model.pretrained_weights must be ema or model, got {weights!r}")
+    first = tuple(c for c in layout.containers if c in _TRAINED_CONTAINERS)
+    return replace(layout, containers=first + tuple(c for c in layout.containers if c not in first))
+
+
+@dataclass
+class PretrainedReport:
+    """What :func:`load_weights` did with a weights file.
+
+    ``scope`` is ``"network"`` when the file initialised every tensor of the model, ``"encoder"``
+    when it initialised the encoder only.
+    """
+
+    path: str
+    scope: Scope = "encoder"
+    loaded: list[str] = field(default_factory=list)  # model tensors taken from the file
+    missing: list[str] = field(default_factory=list)  # model tensors the file lacks (left as initialised)
+    unexpected: list[str] = field(default_factory=list)  # file tensors the model does not take (ignored)
+
+    def summary(self, limit: int = 8) -> str:
+        what = "network" if self.scope == "network" else "encoder"
+        text = f"loaded {len(self.loaded)} {what} tensors from {self.path}"
+        if self.missing:
+            text += (
+                f"; {len(self.missing)} {what} tensors not in the file, left as initialised: "
+                f"{_listing(self.missing, limit)}"
+            )
+        if self.unexpected:
+            text += (
+                f"; {len(self.unexpected)} tensors of the file not in the {what}, ignored: "
+                f"{_listing(self.unexpected, limit)}"
+            )
+        return text
+
+
+def _listing(keys: list[str], limit: int) -> str:
+    """Keys grouped by their first name (``fc.weight, fc.bias`` -> ``fc.* (2)``), at most ``limit`` groups."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.split(".", 1)[0], []).append(key)
+    items = [members[0] if len(members) == 1 else f"{head}.* ({len(members)})" for head, members in groups.items()]
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more groups)" if len(items) > limit else "")
+
+
+def _shown(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key
+
+
+def read_file(path: Union[str, Path], *, what: str = "model.pretrained") -> Any:
+    """The contents of the weights file ``path`` (:func:`~sclseg.serialization.safe_load`).
+
+    Raises :class:`~sclseg.config.ConfigError` naming ``what`` (the setting or flag that named the
+    file) and the file when it is missing, unreadable or unsafe.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{what}: weights file not found: {path} (weights are never downloaded)")
+    try:
+        return safe_load(path)
+    except UnsafeFileError as exc:
+        raise ConfigError(f"{what}: cannot read {path} as PyTorch weights (weights_only=True): {exc}") from exc
+
+
+def read_state(
+    path: Union[str, Path],
+    layout: WeightLayout = SCLSEG_LAYOUT,
+    *,
+    container: Optional[str] = None,
+    contents: Any = None,
+    what: str = "model.pretrained",
+) -> dict[str, torch.Tensor]:
+    """The tensors of the weights file ``path``, under the model's key names.
+
+    The file may hold a plain state_dict or one under a container key: ``container`` when given,
+    otherwise the first of ``layout.containers`` present (nested containers are followed).
+    Leading ``module.`` (DataParallel/DDP) prefixes are removed, then ``layout.rename`` applied.
+    ``contents``: the file's contents when they were read already (:func:`read_file`).
+    Raises :class:`~sclseg.config.ConfigError` naming the file for a missing, unreadable or
+    unsafe file and for one without tensors.
+    """
+    obj = read_file(path, what=what) if contents is None else contents
+    state = obj
+    if container is not None:
+        if not isinstance(obj, Mapping) or not isinstance(obj.get(container), Mapping):
+            found = ", ".join(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
+            raise ConfigError(f"{what}: {path} has no weights under '{container}' (it has: {found})")
+        state = obj[container]
+    while isinstance(state, Mapping):
+        inner = next((state[k] for k in layout.containers if isinstance(state.get(k), Mapping)), None)
+        if inner is None:
+            break
+        state = inner
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"{what}: {path} holds a {type(obj).__name__}, not a state_dict")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            own = layout.rename(_strip_module(str(key)))
+            if own is not None:
+                tensors.setdefault(own, value)
+    if not tensors:
+        keys = ", ".join(map(str, list(state)[:10]))
+        raise ConfigError(f"{what}: no tensors in {path} (top-level keys: {keys})")
+    return tensors
+
+
+def _counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def load_weights(
+    model: nn.Module,
+    path: Union[str, Path],
+    layout: WeightLayout = SCLSEG_LAYOUT,
+    *,
+    scope: Optional[Scope] = None,
+    container: Optional[str] = None,
+    contents: Any = None,
+    what: str = "model.pretrained",
+) -> PretrainedReport:
+    """Copy the tensors of the local file ``path`` into ``model``; return what was loaded.
+
+    ``scope=None`` decides from the file: the whole network when the file holds every tensor of
+    the model with the model's shape (BatchNorm ``num_batches_tracked`` counters may be absent),
+    the encoder (``layout.encoder_keys``) otherwise; ``scope="network"`` requires the former.
+    For the encoder, a file key is taken as it is when the model has it, else with
+    ``layout.encoder_prefix`` in front. Tensors the model does not take are ignored and reported.
+    ``contents``: the file's contents when they were read already; ``what``: the setting or flag
+    that named the file, for messages.
+    Errors (:class:`~sclseg.config.ConfigError`, naming the file and the keys): see
+    :func:`read_state`; a tensor whose shape differs from the model's; no tensor matching at all;
+    model (or encoder) tensors missing from the file.
+    """
+    tensors = read_state(path, layout, container=container, contents=contents, what=what)
+    own = model.state_dict()
+    network = scope != "encoder" and all(
+        k in tensors and tensors[k].shape == v.shape for k, v in own.items() if not _counter(k)
+    )
+    if scope == "network" and not network:
+        _raise_mismatch(what, path, tensors, own, type(model).__name__, "network")
+    if network:
+        targets = {k: k for k in tensors if k in own}
+        wanted = list(own)
+        scope = "network"
+    else:
+        wanted = [k for k in own if k.startswith(layout.encoder_keys)]
+        targets = {}
+        for key in tensors:
+            for candidate in (key, layout.encoder_prefix + key):
+                if candidate in wanted:
+                    targets[key] = candidate
+                    break
+        scope = "encoder"
+        _raise_mismatch(what, path, {targets[k]: tensors[k] for k in targets}, {k: own[k] for k in wanted},
+                        type(model).__name__, "encoder")
+    model.load_state_dict({**own, **{target: tensors[key] for key, target in targets.items()}}, strict=True)
+    taken = set(targets.values())
+    report = PretrainedReport(str(path), scope)
+    report.loaded = [k for k in wanted if k in taken]
+    report.missing = [k for k in wanted if k not in taken and not _counter(k)]
+    report.unexpected = [k for k in tensors if k not in targets]
+    _log.info("%s", report.summary())
+    if report.missing or report.unexpected:
+        warnings.warn(f"{what}: {report.summary()}", stacklevel=2)
+    return report
+
+
+def _raise_mismatch(
+    what: str, path: Union[str, Path], found: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor],
+    owner: str, part: str,
+) -> None:
+    """Raise the :class:`ConfigError` that says why ``found`` cannot initialise ``wanted`` (if it cannot)."""
+    matched = [k for k in wanted if k in found]
+    if not matched:
+        raise ConfigError(
+            f"{what}: no tensor in {path} matches the {owner} {part}; the file has e.g. "
+            f"{', '.join(list(found)[:5]) or '(nothing usable)'}; the {part} expects e.g. {', '.join(list(wanted)[:5])}"
+        )
+    wrong = [k for k in matched if found[k].shape != wanted[k].shape]
+    if wrong:
+        details = "; ".join(f"{k}: file {tuple(found[k].shape)} vs {part} {tuple(wanted[k].shape)}" for k in wrong[:8])
+        more = f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else ""
+        raise ConfigError(f"{what}: {len(wrong)} tensors in {path} do not fit the {owner} {part}: {details}{more}")
+    required = [k for k in wanted if k not in found and not _counter(k)]
+    if required:
+        raise ConfigError(
+            f"{what}: {path} lacks {len(required)} of the {owner} {part}'s tensors ({_shown(required)}); "
+            "is it a checkpoint of another network or depth?"
+        )
+
+
+#: A standalone encoder reads files of the whole sclseg model too: their ``encoder.`` prefix is removed.
+_STANDALONE = WeightLayout(
+    rename=lambda key: key[len("encoder.") :] if key.startswith("encoder.") else key, encoder_keys=("",), encoder_prefix=""
+)
+
+
+def load_encoder_weights(encoder: nn.Module, path: Union[str, Path]) -> PretrainedReport:
+    """Copy the weights in the local file ``path`` into the module ``encoder`` (its every tensor).
+
+    Accepts what :func:`read_state` reads; a leading ``encoder.`` (a whole sclseg model's file) is
+    removed from the keys, and tensors the encoder has no place for (a classifier, a head) are
+    ignored and reported.
+    """
+    return load_weights(encoder, path, _STANDALONE, scope="encoder")
+
+
+def _nvidia_wrn38(key: str) -> Optional[str]:
+    """NVIDIA's ``DeepWV3Plus`` and ``WiderResNetA2`` names: the trunk's ``mod*`` sit under ``encoder.``.
+
+    The ImageNet file's ``bn_out.*`` and ``classifier.fc.*`` keep their names (the segmentation
+    network has no place for them).
+    """
+    return f"encoder.{key}" if key.startswith("mod") else key
+
+
+def _unimatch_v1(key: str) -> Optional[str]:
+    """UniMatch V1's ``DeepLabV3Plus`` names: its ``backbone.`` is the model's ``encoder.``."""
+    return f"encoder.{key[len('backbone.'):]}" if key.startswith("backbone.") else key
+
+
+register_layout("deeplabv3plus_wrn38", WeightLayout(rename=_nvidia_wrn38))
+for _name in ("deeplabv3plus_resnet50_deepstem", "deeplabv3plus_resnet101_deepstem"):
+    register_layout(_name, WeightLayout(rename=_unimatch_v1))
+# UniMatch V2's DPT has the same ``backbone.`` (Meta's DINOv2 names) and ``head.``; its checkpoints
+# hold the EMA network (``model_ema``) beside the trained one (``model``): the EMA by default.
+for _name in ("dpt_dinov2_small", "dpt_dinov2_base", "dpt_dinov2_large"):
+    register_layout(_name, WeightLayout(rename=_unimatch_v1, containers=("model_ema", "teacher", "model", "student", "state_dict")))
