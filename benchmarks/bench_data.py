@@ -38,15 +38,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from bench_losses import CpuLoad, write_json, machine_info  # noqa: E402
-from sclseg.config import resolve_config_path  # noqa: E402
-from sclseg.config import load_config  # noqa: E402
+from bench_losses import CpuLoad, write_json, machine_info
+from sclseg.config import load_config, resolve_config_path
 
 # labelIds of the 19 evaluated Cityscapes classes, and some ignored ids (unlabeled, ego vehicle, ...)
 TRAIN_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]

@@ -30,16 +30,14 @@ import time
 from contextlib import nullcontext
 from typing import Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
+from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync
+from sclseg.config import ModelConfig
+from sclseg.engine.step import AMP_DTYPES
+from sclseg.engine.inference import predict_probs, tile_starts
+from sclseg.models import MODEL_NAMES, create_model
 
-from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync  # noqa: E402
-from sclseg.config import ModelConfig  # noqa: E402
-from sclseg.engine.inference import predict_probs, tile_starts  # noqa: E402
-from sclseg.models import MODEL_NAMES, create_model  # noqa: E402
-
-_AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_hw(text: str) -> tuple[int, int]:
@@ -92,7 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--scales", type=parse_floats, default=parse_floats("0.5,1,2"))
     parser.add_argument("--ms-tile", type=parse_hw, default=None, help="tiles in the multi-scale+flip mode (default: none)")
     parser.add_argument("--modes", default="whole,tiled,msflip")
-    parser.add_argument("--amp", choices=list(_AMP), default="off", help="autocast dtype of the forward passes")
+    parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast dtype of the forward passes")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     parser.add_argument("--repeats", type=int, default=5)
@@ -127,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     images = torch.rand(args.batch, 3, height, width, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    amp = _AMP[args.amp]
+    amp = AMP_DTYPES[args.amp]
 
     def run(spec):
         ctx = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()

@@ -17,8 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sclseg.cli import main
-from sclseg.config import resolve_config_path
-from sclseg.config import ConfigError, load_config
+from sclseg.config import ConfigError, load_config, resolve_config_path
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.engine.stream import make_stream
@@ -157,7 +156,7 @@ def test_unknown_or_mistyped_training_keys_name_the_key(tmp_path, capsys) -> Non
     with pytest.raises(ConfigError, match=r"train\.channels_last: expected true or false"):
         load_config(cfg, ["train.channels_last=3"])
     assert main(["train", "digits/default", "--out", str(tmp_path / "r"), *TINY, "train.grad_accum=0"]) == 2
-    assert "train.grad_accum must be >= 1, got 0" in capsys.readouterr().err
+    assert "train.grad_accum: expected >= 1, got 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ checkpoints

@@ -29,8 +29,7 @@ from torch import nn
 
 import sclseg.engine.trainer as trainer_module
 from sclseg.cli import main
-from sclseg.config import resolve_config_path
-from sclseg.config import load_config
+from sclseg.config import load_config, resolve_config_path
 from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint
@@ -222,7 +221,7 @@ def test_gradient_accumulation_equals_the_double_batch() -> None:
                                mask_generator=BoxMaskGenerator(4))
         return model, terms
 
-    whole, terms_whole = run({"image": images, "mask": labels})
+    whole, terms_whole = run([{"image": images, "mask": labels}])
     micro, terms_micro = run([{"image": images[:2], "mask": labels[:2]}, {"image": images[2:], "mask": labels[2:]}])
     for p, q in zip(whole.parameters(), micro.parameters()):
         torch.testing.assert_close(p, q)

@@ -12,8 +12,7 @@ import yaml
 from PIL import Image
 
 from sclseg.cli import main
-from sclseg.config import resolve_config_path
-from sclseg.config import ConfigError, load_config
+from sclseg.config import ConfigError, load_config, resolve_config_path
 from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import build_data
 from sclseg.data.digits import DIGIT_CLASSES
@@ -247,8 +246,14 @@ def test_dry_run_builds_everything_and_runs_one_step(tmp_path: Path) -> None:
     assert main(["train", "digits/default", "--out", str(tmp_path / "r"), "--dry-run", *TINY]) == 0
     run = tmp_path / "r" / "dry_run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in records] == ["train"] and records[0]["iteration"] == 1
+    assert [r["kind"] for r in records] == ["train", "eval"] and records[0]["iteration"] == 1
     assert "loss_sc" in records[0]
+    # strict JSON: no NaN/Infinity anywhere in what the run wrote
+    strict = lambda text: json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))  # noqa: E731
+    final = strict((run / "final.json").read_text())
+    assert final["best"]["iteration"] == 1 and final["last_eval"]["split"] == "val"
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        strict(line)
 
 
 def test_pair_sampling_reaches_the_structured_loss() -> None:

@@ -133,7 +133,7 @@ def test_config_errors(tmp_path):
     root = make_root(tmp_path / "d", n=3)
     with pytest.raises(ConfigError, match="classes is empty"):
         build_data(cfg_for(root, classes=[]))
-    with pytest.raises(ConfigError, match="ignore_value 1 is a class index"):
+    with pytest.raises(ConfigError, match="data.folder.ignore_value: expected a value that is no class index"):
         build_data(cfg_for(root, ignore_value=1))
     with pytest.raises(ConfigError, match="2 entries for 3 classes"):
         build_data(cfg_for(root, colors=[[0, 0, 0], [1, 1, 1]]))

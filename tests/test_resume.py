@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import sclseg.engine.trainer as trainer_module
 from sclseg.cli import main
-from sclseg.config import resolve_config_path
-from sclseg.config import load_config
+from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.engine.stream import make_stream
@@ -133,7 +133,7 @@ def test_the_comparison_detects_a_lost_random_state(reference, data, dropout_mod
     elif scramble == "cutmix_generator":
         trainer.generator.manual_seed(12345)
     else:
-        trainer.stream_positions = {"labeled": 0, "unlabeled": 0}
+        trainer.state.stream_offsets = {role: -trainer.state.iteration for role in ("labeled", "unlabeled")}
     trainer.run()
     with pytest.raises(AssertionError):
         assert_same_state(_final_state(reference, 6), _final_state(out, 6))
@@ -218,15 +218,18 @@ def test_checkpoints_load_with_weights_only_and_a_code_carrying_pickle_is_refuse
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": "sclseg-checkpoint-1", "payload": Evil()}, evil)
-    with pytest.raises(ValueError, match=r"evil\.pt.*weights_only"):
+    with pytest.raises(ValueError, match=r"evil\.pt: refused to load.*unsafe"):
         load_checkpoint(evil)
-    assert main(["predict", str(tmp_path), "--checkpoint", str(evil), "--out", str(tmp_path / "p")]) == 2
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "a.png")
+    assert main(["predict", str(photos), "--checkpoint", str(evil), "--out", str(tmp_path / "p")]) == 2
     assert "evil.pt" in capsys.readouterr().err
     assert not marker.exists()
     truncated = tmp_path / "truncated.pt"
     save_atomic({"format": "sclseg-checkpoint-1", "w": torch.zeros(1000)}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:300])
-    with pytest.raises(ValueError, match=r"truncated\.pt: not a readable sclseg checkpoint"):
+    with pytest.raises(ValueError, match=r"truncated\.pt: not a readable PyTorch file"):
         load_checkpoint(truncated)
 
 

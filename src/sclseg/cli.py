@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,20 +27,48 @@ def _load(name: str, overrides: Sequence[str]) -> Config:
     return load_config(resolve_config_path(name), list(overrides))
 
 
+def _resume_argument(args: argparse.Namespace) -> None:
+    """``--resume`` takes an optional path; a ``key=value`` right after it is an override, not a path."""
+    value = args.resume
+    if value not in (None, "latest", "auto") and "=" in value and not Path(value).exists():
+        args.overrides = [value, *args.overrides]
+        args.resume = "latest"
+
+
+def _dry_run(cfg: Config, args: argparse.Namespace, out: Path) -> Path:
+    """Shrink the run to one step that evaluates one image; check every data file unless ``--quick``."""
+    cfg.train.iterations = 1
+    cfg.train.eval_interval = cfg.train.checkpoint_interval = cfg.train.log_interval = 1
+    if not args.quick:
+        from sclseg.data.check import check_data
+
+        report = check_data(cfg)
+        print(f"data check: {report.summary()}", file=sys.stderr)
+        for problem in report.warnings:
+            print(f"warning: {problem.line()}", file=sys.stderr)
+        report.raise_for_problems()
+    return out / "dry_run"
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sclseg.engine import distributed as dist
+    from sclseg.engine.errors import RunFolderInUse
     from sclseg.engine.trainer import Trainer
 
+    _resume_argument(args)
     cfg = _load(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     if args.dry_run:
-        cfg.train.iterations = 1
-        cfg.train.eval_interval = cfg.train.checkpoint_interval = cfg.train.log_interval = 1
-        out = out / "dry_run"
+        out = _dry_run(cfg, args, out)
     resume = {"latest": True, "auto": "auto"}.get(args.resume, args.resume)
+    args.run_dir = out  # for the messages of a stopped run
     try:
-        trainer = Trainer(cfg, out, resume=resume, existing="replace" if args.dry_run else "error")
-        final = trainer.run(evaluate=not args.dry_run)
+        trainer = Trainer(cfg, out, resume=resume, existing="replace" if args.dry_run else "error",
+                          eval_images=1 if args.dry_run else None)
+        final = trainer.run()
+    except RunFolderInUse as exc:
+        raise ConfigError(f"{exc}; continue it with --resume, or choose another --out (or delete the folder) "
+                          "to start afresh") from None
     finally:
         dist.cleanup()
     if dist.is_main():
@@ -47,12 +76,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _checkpoint_model(path: str, use_teacher: bool):
-    from sclseg.engine.checkpoint import build_model_from_checkpoint, load_checkpoint
+def _checkpoint_model(path: str, use_teacher: bool, cfg: Optional[Config] = None, num_classes: Optional[int] = None):
+    """``(model, config, checkpoint dict)`` of an sclseg file, or of a published whole-network file
+    (NVIDIA's, UniMatch's) built as ``cfg.model`` with ``num_classes`` classes when ``cfg`` is given;
+    ``use_teacher=False`` takes the trained network of a file that holds an EMA copy beside it."""
+    from sclseg.engine.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, build_model_from_checkpoint, load_checkpoint
+    from sclseg.models import create_model
+    from sclseg.models.weights import layout_for, load_weights, read_file
 
-    ckpt = load_checkpoint(Path(path))
-    model, cfg = build_model_from_checkpoint(ckpt, use_teacher=use_teacher, source=path)
-    return model, cfg, ckpt
+    if cfg is None:
+        ckpt = load_checkpoint(Path(path))
+    else:
+        contents = read_file(path, what="--checkpoint")
+        if not (isinstance(contents, dict) and contents.get("format") in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT)):
+            model = create_model(cfg.model, num_classes, load_pretrained=False)
+            layout = layout_for(cfg.model.name, cfg.model.pretrained_weights if use_teacher else "model")
+            load_weights(model, path, layout, scope="network", contents=contents, what="--checkpoint")
+            return model, cfg, {"num_classes": num_classes, "iteration": None, "published": True}
+        ckpt = contents
+    model, saved_cfg = build_model_from_checkpoint(ckpt, use_teacher=use_teacher, source=path)
+    return model, saved_cfg, ckpt
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -60,15 +103,31 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     info = export_weights(Path(args.checkpoint), Path(args.out), use_teacher=not args.student,
                           dtype=torch.float16 if args.half else None)
-    Path(args.out).with_name(Path(args.out).name + ".json").write_text(json.dumps(info, indent=2))
+    Path(f"{args.out}.json").write_text(json.dumps(info, indent=2))  # what was exported, for scripts
     print(f"wrote the {info['weights']} weights of step {info['iteration']} ({info['bytes'] / 1e6:.1f} MB) to {args.out}")
     return 0
 
 
-def _device(request: str) -> torch.device:
+def _device(request: str, source: str = "train.device") -> torch.device:
+    """The device ``request`` names (auto, cpu, cuda, cuda:N, mps); ``source`` is the key or flag
+    that errors name."""
     if request == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(request)
+    try:
+        device = torch.device(request)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{source} {request!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{source} {request}: CUDA is not available on this machine; use cpu (or auto)")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{source} {request}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{source} {request}: MPS is not available on this machine; use cpu (or auto)")
+    return device
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -93,13 +152,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         from sclseg.engine.evaluate import evaluate_model
 
         device = _device(cfg.train.device)
-        model, _, ckpt = _checkpoint_model(args.checkpoint, use_teacher=not args.student)
+        model, model_cfg, ckpt = _checkpoint_model(args.checkpoint, not args.student, cfg, data.num_classes)
         if ckpt["num_classes"] != data.num_classes:
             raise ValueError(f"{args.checkpoint}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
+        weights = "student" if args.student else "teacher"
+        if ckpt.get("published"):
+            weights = "model" if args.student else cfg.model.pretrained_weights
         result = evaluate_model(model.to(device), dataset, cfg.eval, device=device)
-        result |= {"split": cfg.eval.split, "checkpoint": str(args.checkpoint),
-                   "weights": "student" if args.student else "teacher", "iteration": ckpt["iteration"]}
-        default_out = Path(args.checkpoint).with_name(f"eval_{cfg.eval.split}.json")
+        result |= {"split": cfg.eval.split, "checkpoint": str(args.checkpoint), "model": model_cfg.model.name,
+                   "weights": weights, "iteration": ckpt["iteration"]}
+        default_out = Path(args.checkpoint).with_name(f"eval_{cfg.eval.split}{'_student' if args.student else ''}.json")
     out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
@@ -109,55 +171,114 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _input_files(inputs: Sequence[str]) -> list[Path]:
-    files: list[Path] = []
+def _cmd_check(args: argparse.Namespace) -> int:
+    from sclseg.data.check import check_data
+
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected a positive number of threads")
+    cfg = _load(args.config, args.overrides)
+    report = check_data(cfg, workers=args.workers, cache=not args.no_cache)
+    out = Path(args.report) if args.report else Path("runs") / Path(args.config).stem / "check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": args.config, **report.to_dict()}, indent=2))
+    print(f"{report.summary()} -> {out}")
+    for problem in report.warnings:
+        print(f"warning: {problem.line()}")
+    for problem in report.problems:
+        print(f"problem: {problem.line()}", file=sys.stderr)
+    return 0 if report.ok else 2
+
+
+def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[tuple[Path, Path]]:
+    """The images to label, each with its output name under --out (no suffix added yet).
+
+    A file found in a folder keeps its path relative to that folder (``cam2/0001``), a file
+    given directly its stem; files whose names would clash keep their extension
+    (``0001_jpg``, ``0001_png``). Files under ``exclude`` (the output folder) are skipped.
+    Two inputs that still share a name are an error naming both.
+    """
+    skip = exclude.resolve() if exclude is not None else None
+    entries: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+            pairs = [(p, p.relative_to(path)) for p in found]
         elif path.is_file():
-            files.append(path)
+            pairs = [(path, Path(path.name))]
         else:
             raise FileNotFoundError(f"input not found: {path}")
-    if not files:
+        for file, rel in pairs:
+            resolved = file.resolve()
+            if resolved not in seen and not (skip is not None and resolved.is_relative_to(skip)):
+                seen.add(resolved)
+                entries.append((file, rel))
+    if not entries:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
-    return files
+    stems = Counter(rel.with_suffix("") for _, rel in entries)
+    named = [(file, rel.with_suffix("") if stems[rel.with_suffix("")] == 1 else rel.with_name(f"{rel.stem}_{rel.suffix[1:]}"))
+             for file, rel in entries]
+    owner: dict[Path, Path] = {}
+    for file, name in named:
+        if name in owner:
+            raise ValueError(f"inputs {owner[name]} and {file} would both write {name}_labels.png under --out; "
+                             "rename one, or label them in separate runs with different --out folders")
+        owner[name] = file
+    return named
+
+
+def _predict_options(args: argparse.Namespace) -> Path:
+    """Check the flags of predict before any model is loaded; return the --out folder."""
+    if args.scales is not None and not all(s > 0 and np.isfinite(s) for s in args.scales):
+        raise ConfigError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: expected positive numbers, e.g. 0.5 1.0 2.0")
+    if args.tile is not None and min(args.tile) < 1:
+        raise ConfigError(f"--tile {args.tile[0]} {args.tile[1]}: expected two positive integers H W, e.g. --tile 512 1024")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a folder for the label maps (created when missing)")
+    return out
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from sclseg.engine.inference import predict_probs
     from sclseg.viz import colorize, overlay
 
-    device = _device(args.device)
+    out = _predict_options(args)
+    device = _device(args.device, "--device")
+    inputs = _input_files(args.inputs, exclude=out)
     model, cfg, ckpt = _checkpoint_model(args.checkpoint, use_teacher=not args.student)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror}); expected a writable folder") from None
     model.to(device).eval()
     palette = np.zeros((256, 3), dtype=np.uint8)
     palette[: len(ckpt["class_colors"])] = np.asarray(ckpt["class_colors"], dtype=np.uint8)
     scales = args.scales if args.scales else cfg.eval.scales
     tile = args.tile if args.tile else cfg.eval.tile
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in _input_files(args.inputs):
+    for path, name in inputs:
         try:
             rgb = np.array(Image.open(path).convert("RGB"))
         except OSError as exc:
             raise ValueError(f"{path}: cannot read image ({exc})") from exc
         image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(device)
         probs = predict_probs(model, image, scales=scales, flip=args.flip or cfg.eval.flip, tile=tile,
-                              overlap=cfg.eval.tile_overlap)
+                              overlap=cfg.eval.tile_overlap, protocol=cfg.eval.protocol)
         labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
         label_png = Image.fromarray(labels, mode="P")
         label_png.putpalette(palette.flatten().tolist())
-        label_path = out / f"{path.stem}_labels.png"
+        label_path = out / f"{name}_labels.png"
+        label_path.parent.mkdir(parents=True, exist_ok=True)
         label_png.save(label_path)
-        overlay_path = out / f"{path.stem}_overlay.png"
+        overlay_path = out / f"{name}_overlay.png"
         Image.fromarray(np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)).save(overlay_path)
         entry = {"input": str(path), "labels": str(label_path), "overlay": str(overlay_path)}
         if args.cityscapes_ids:
             from sclseg.engine.score_files import write_cityscapes_prediction
 
-            submission = write_cityscapes_prediction(labels, path.stem, out / "cityscapes_label_ids", size=None)
+            submission = write_cityscapes_prediction(labels, name.name, out / "cityscapes_label_ids" / name.parent, size=None)
             entry["cityscapes_label_ids"] = str(submission["label_ids"])
         written.append(entry)
     (out / "predictions.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "class_names": ckpt["class_names"],
@@ -166,16 +287,58 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _comparison_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    """``--methods`` and ``--seeds``, with any ``key=value`` overrides they swallowed moved to ``args.overrides``."""
+    from sclseg.demo import METHODS
+
+    taken = [item for item in [*args.methods, *args.seeds] if "=" in item]
+    args.overrides = [*taken, *args.overrides]
+    methods = [m for m in args.methods if "=" not in m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown {unknown}; choose from {list(METHODS)} (or add a --variant)")
+    try:
+        seeds = [int(s) for s in args.seeds if "=" not in s]
+    except ValueError as exc:
+        raise ConfigError(f"--seeds: expected integers, got {args.seeds}") from exc
+    if not seeds:
+        raise ConfigError("--seeds: give at least one seed")
+    return methods, seeds
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sclseg.demo import run_demo
 
-    run_demo(Path(args.out), seeds=args.seeds, overrides=args.overrides, methods=args.methods)
+    methods, seeds = _comparison_args(args)
+    run_demo(Path(args.out), seeds=seeds, overrides=args.overrides, methods=methods)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from sclseg.demo import Entry, markdown_summary, parse_variant, run_comparison, summarize_runs, write_summary
+
+    if args.summarize is not None:
+        if args.config is not None or args.overrides or args.variant:
+            raise ConfigError("compare --summarize DIR takes no CONFIG, --variant or overrides: it reads the run folders")
+        out = Path(args.summarize)
+        if not out.is_dir():
+            raise FileNotFoundError(f"--summarize: no folder {out}")
+        summary = summarize_runs(out, split=args.split)
+        paths = write_summary(out, summary)
+        print(markdown_summary(summary) + "\n\n" + "\n".join(f"wrote {p}" for p in paths))
+        return 0
+    if args.config is None:
+        raise ConfigError("compare needs CONFIG (a YAML file or packaged name), or --summarize DIR")
+    methods, seeds = _comparison_args(args)
+    entries = [Entry.method(m) for m in methods] + [parse_variant(v) for v in args.variant]
+    out = Path(args.out) if args.out else Path("runs") / "compare" / Path(args.config).stem
+    run_comparison(args.config, out, entries=entries, seeds=seeds, split=args.split or "test", overrides=args.overrides)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sclseg", description=__doc__)
-    parser.epilog = "Config overrides (train, evaluate, demo): section.key=value, e.g. method.name=cl train.iterations=200"
+    parser.epilog = "Config overrides (train, evaluate, demo, compare): section.key=value, e.g. method.name=cl train.iterations=200"
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a YAML config")
@@ -184,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from the newest checkpoint in --out, or from the given file; "
                         "'--resume auto' starts afresh when --out holds no checkpoint (for requeued jobs)")
-    p.add_argument("--dry-run", action="store_true", help="build everything, run one step, exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check every data file, build everything, run one step, evaluate one image, exit")
+    p.add_argument("--quick", action="store_true", help="with --dry-run: skip the full data check")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a split of the config's data")
@@ -196,10 +361,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("check", help="read every image and mask of a config's data; report every bad file",
+                       description="Decode every image and mask of every split CONFIG uses (labeled, unlabeled, "
+                                   "val, test) in parallel and report every problem at once: unreadable or "
+                                   "truncated files, RGB masks, mask/image size mismatches, values outside the "
+                                   "classes, missing masks, classes no labeled mask contains. Exit 0 when clean, "
+                                   "2 when problems were found. Results are cached per file (path, size, mtime) "
+                                   "in <data.root>/.sclseg_cache/data_check.json (data.class_uniform.cache_dir "
+                                   "when set).")
+    p.add_argument("config", help="YAML file, or a packaged config name")
+    p.add_argument("--workers", type=int, help="threads decoding files (default: the CPU count, at most 16)")
+    p.add_argument("--report", help="JSON report (default: runs/<config name>/check.json)")
+    p.add_argument("--no-cache", action="store_true", help="re-read every file; neither read nor update the cache")
+    p.set_defaults(func=_cmd_check)
+
     p = sub.add_parser("predict", help="label images with a checkpoint")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="output folder: each input's path relative to the folder it was found in (a file given "
+                        "directly: its stem) + _labels.png / _overlay.png, and predictions.json")
     p.add_argument("--student", action="store_true")
     p.add_argument("--scales", type=float, nargs="+", help="e.g. 0.5 1.0 2.0 (default: the run's eval.scales)")
     p.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
@@ -216,12 +397,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store the floating tensors as float16")
     p.set_defaults(func=_cmd_export)
 
+    methods_help = "methods to compare (default: supervised cl scl)"
+    seeds_help = "train seeds; each method runs once per seed, paired by seed (default: 0)"
     p = sub.add_parser("demo", help="supervised vs cl vs scl on the embedded digit scenes")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--methods", nargs="+", default=["supervised", "cl", "scl"], choices=["supervised", "cl", "scl"])
+    p.add_argument("--seeds", nargs="+", default=["0"], help=seeds_help)
+    p.add_argument("--methods", nargs="+", default=["supervised", "cl", "scl"], help=methods_help)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("compare", help="methods on any config over seeds: per-seed results, paired differences, curves")
+    p.add_argument("config", nargs="?", help="YAML file or packaged config name")
+    p.add_argument("--methods", nargs="*", default=["supervised", "cl", "scl"],
+                   help=methods_help + "; with no name, only the variants are compared")
+    p.add_argument("--variant", action="append", default=[], metavar="'LABEL: key=value ...'",
+                   help="one more compared entry with its own overrides (repeatable), "
+                        "e.g. 'scl_student: method.name=scl eval.use_teacher=false'")
+    p.add_argument("--seeds", nargs="+", default=["0"], help=seeds_help)
+    p.add_argument("--split", help="split that scores the runs (default: test)")
+    p.add_argument("--out", help="folder of the <label>_seed<k>/ runs (default: runs/compare/<config name>)")
+    p.add_argument("--summarize", metavar="DIR",
+                   help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run folders")
+    p.set_defaults(func=_cmd_compare)
     return parser
+
+
+#: Exit codes (README, "Commands").
+EXIT_USAGE = 2  # a user error: config, file, data, flag
+EXIT_NONFINITE = 3  # the loss or weights became NaN/Inf
+EXIT_EVALUATION = 4  # an evaluation during training failed; its step's checkpoint is on disk
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    from sclseg.engine import distributed as dist
+
+    out = getattr(args, "run_dir", None) or args.out
+    train = f"train {Path(out) / 'config.yaml'} --out {out} --resume"
+    return f"torchrun <the same torchrun options> -m sclseg {train}" if dist.world_size() > 1 else f"sclseg {train}"
+
+
+def _stopped(args: argparse.Namespace, exc) -> int:
+    """Message and exit code of a training run stopped by :mod:`sclseg.engine.errors`."""
+    from sclseg.engine import distributed as dist
+    from sclseg.engine.errors import EvaluationFailed, NonFiniteLoss, TrainingInterrupted
+
+    if isinstance(exc, TrainingInterrupted):
+        code = 128 + exc.signum
+        tail = (f"the newest checkpoint is {exc.checkpoint}" if exc.immediate
+                else f"Resume with: {_resume_hint(args)}")
+    elif isinstance(exc, NonFiniteLoss):
+        code = EXIT_NONFINITE
+        tail = (f"the last good checkpoint is {exc.checkpoint}; after fixing the cause (e.g. a lower optim.lr) "
+                f"continue from it with --resume {exc.checkpoint}" if exc.checkpoint
+                else "no checkpoint had been written yet")
+    else:
+        assert isinstance(exc, EvaluationFailed)
+        code = EXIT_EVALUATION
+        tail = f"fix the eval settings or the data, then resume with: {_resume_hint(args)}"
+    if dist.is_main():  # every rank stops alike; one message is enough
+        print(f"sclseg {args.command}: {exc}\n{tail}", file=sys.stderr)
+    return code
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -234,21 +468,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if extra and args.command in ("predict", "export"):
         parser.error(f"{args.command} takes no config overrides")
     args.overrides = extra
+    from sclseg.engine.errors import CheckpointWriteFailed, TrainingStopped
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except TrainingStopped as exc:
+        return _stopped(args, exc)
+    except (ConfigError, FileNotFoundError, ValueError, CheckpointWriteFailed) as exc:
         print(f"sclseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        from sclseg.engine.trainer import NonFiniteLoss, TrainingInterrupted
-
-        if isinstance(exc, (TrainingInterrupted, NonFiniteLoss)):
-            from sclseg.engine import distributed as dist
-
-            if dist.is_main():  # every rank stops alike; one message is enough
-                print(f"sclseg {args.command}: {exc}", file=sys.stderr)
-            return exc.exit_code if isinstance(exc, TrainingInterrupted) else 3
-        raise
+        return EXIT_USAGE
+    except KeyboardInterrupt:  # before the training loop catches signals: nothing to save yet
+        print(f"sclseg {args.command}: interrupted outside a training step; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

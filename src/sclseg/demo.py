@@ -1,40 +1,93 @@
-"""``sclseg demo``: supervised vs cl vs scl on the embedded digit scenes.
+"""Method comparisons over seeds: ``sclseg compare CONFIG`` and ``sclseg demo``.
 
-Each method trains the packaged ``digits/default`` config with the same seed, data and
-budget; each is then scored on the held-out test scenes (teacher/EMA weights, whole-image
-inference). Writes ``summary.json``, ``summary.md`` and ``comparison.png`` (image |
-supervised | cl | scl | ground truth, as in the paper's Fig. 5).
+Every compared entry (a method, or a labelled variant with its own overrides) trains the
+config with each seed on the same data and budget into ``OUT/<label>_seed<k>/`` and is scored
+on one split (teacher/EMA or student weights as ``eval.use_teacher`` says) into that folder's
+``eval_<split>.json``. The summary is a function of those folders alone
+(:func:`summarize_runs`), so seeds trained by separate processes into one ``OUT`` merge:
+``summary.json`` (per-seed results, mean, std and 95% Student-t interval per entry, and the
+paired difference of every two entries), ``summary.md`` and ``learning_curves.png`` (val mIoU
+against step). The run that trains also draws ``comparison.png`` (image | each entry | ground
+truth, as in the paper's Fig. 5). ``sclseg demo`` is the comparison of supervised, cl and
+scl on the embedded digit scenes (``digits/default``).
 
-Before ``method.unlabeled_start`` every method takes the same supervised steps (the trainer
-skips the unused unlabeled batches without loading them), so their states there are equal bit
-for bit. The demo trains that warm-up once per seed: the first method's run stops there, a copy of its
-folder (checkpoint, metrics, TensorBoard scalars) seeds each other method's folder, which
-resumes from it, and the first run goes on.
+Entries whose configs differ only in ``method.name`` take the same supervised steps before
+``method.unlabeled_start`` (the trainer skips the unused unlabeled batches without loading
+them), so their states there are equal bit for bit. Such a group trains that warm-up once per
+seed: the first entry's run stops there, a copy of its folder (checkpoint, metrics,
+TensorBoard scalars) seeds each other entry's folder, which resumes from it, and the first
+run goes on.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import re
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from sclseg.config import resolve_config_path
-from sclseg.config import load_config
-from sclseg.data import build_data, palette_array
+from sclseg.config import Config, ConfigError, config_to_dict, load_config, resolve_config_path
+from sclseg.data import DataBundle, build_data, palette_array
 from sclseg.engine.evaluate import evaluate_model
 from sclseg.engine.inference import predict_probs
 from sclseg.engine.trainer import Trainer
-from sclseg.viz import colorize, comparison_grid
+from sclseg.stats import describe, interval_verdict, paired_difference
+from sclseg.viz import colorize, comparison_grid, learning_curves
 
-__all__ = ["run_demo"]
+__all__ = ["Entry", "METHODS", "parse_variant", "run_comparison", "run_demo", "summarize_runs", "write_summary"]
 
-CONFIG = "digits/default"
+METHODS = ("supervised", "cl", "scl")
+DEMO_CONFIG = "digits/default"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+]*")
+_RUN_DIR = re.compile(r"(?P<label>.+)_seed(?P<seed>\d+)")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One compared column: a label (``[A-Za-z0-9_.+]``, no ``-``) and the overrides it adds."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+    @classmethod
+    def method(cls, name: str) -> "Entry":
+        return cls(name, (f"method.name={name}",))
+
+    def warm_up_group(self) -> tuple[str, ...]:
+        """Entries with equal groups differ only in ``method.name``."""
+        return tuple(o for o in self.overrides if not o.startswith("method.name="))
+
+
+def parse_variant(text: str) -> Entry:
+    """``"LABEL: key=value key=value"`` -> :class:`Entry` (e.g. ``"scl_student: method.name=scl eval.use_teacher=false"``)."""
+    label, sep, rest = text.partition(":")
+    label, overrides = label.strip(), tuple(rest.split())
+    if not sep or not _LABEL.fullmatch(label) or not overrides or any("=" not in o for o in overrides):
+        raise ConfigError(f"--variant {text!r}: expected 'LABEL: key=value [key=value ...]' with a label of "
+                          "letters, digits, '_', '.', '+' (no '-': it joins the labels of a pair)")
+    return Entry(label, overrides)
+
+
+def _order(labels: Sequence[str]) -> list[str]:
+    """The methods in supervised, cl, scl order, then the other labels alphabetically."""
+    known = [m for m in METHODS if m in labels]
+    return known + sorted(label for label in labels if label not in METHODS)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: a process summarizing the folder never reads half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def _figure(models: dict, dataset, path: Path, count: int = 6) -> None:
@@ -49,68 +102,233 @@ def _figure(models: dict, dataset, path: Path, count: int = 6) -> None:
     comparison_grid(rows, ["image", *models, "ground truth"], path)
 
 
-def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (), methods: Sequence[str] = ("supervised", "cl", "scl")) -> dict:
-    """Train every method for every seed, score on the test scenes, write the summary."""
+def run_comparison(
+    config: str,
+    out: Path,
+    *,
+    entries: Sequence[Entry] = tuple(Entry.method(m) for m in METHODS),
+    seeds: Sequence[int] = (0,),
+    split: str = "test",
+    overrides: Sequence[str] = (),
+) -> dict:
+    """Train every entry for every seed, score each on ``split``, write and print the summary.
+
+    ``config`` is a YAML file or a packaged config name; ``overrides`` apply to every run
+    before each entry's own. Returns the summary of every finished run in ``out`` (those of
+    earlier or concurrent processes included), as :func:`summarize_runs` does.
+    """
+    labels = [e.label for e in entries]
+    if not entries:
+        raise ConfigError("compare needs at least one method (--methods) or --variant")
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"compare needs distinct labels, got {labels}")
     out.mkdir(parents=True, exist_ok=True)
-    config_path = resolve_config_path(CONFIG)
-    base = load_config(config_path, list(overrides))
-    started = time.perf_counter()
-    data = build_data(base)  # the same scenes and labeled subset for every run
-    test = data.eval_splits["test"]
-    warm_up = base.method.unlabeled_start if len(methods) > 1 and base.method.unlabeled_start < base.train.iterations else 0
-    scores: dict[str, list[float]] = {method: [] for method in methods}
-    last_models = {}
+    config_path = resolve_config_path(config)
+    configs = {e.label: {seed: load_config(config_path, [*overrides, *e.overrides, f"train.seed={seed}"]) for seed in seeds}
+               for e in entries}
+    datasets: dict[str, DataBundle] = {}  # one build per distinct data section: equal scenes for every run
+
+    def data_for(cfg: Config) -> DataBundle:
+        key = json.dumps(config_to_dict(cfg)["data"], sort_keys=True)
+        if key not in datasets:
+            datasets[key] = build_data(cfg)
+        bundle = datasets[key]
+        if split not in bundle.eval_splits:
+            raise ConfigError(f"--split {split}: not available; the data has {sorted(bundle.eval_splits)}")
+        return bundle
+
+    groups: dict[tuple[str, ...], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry.warm_up_group(), []).append(entry)
+    last_models, last_test = {}, None
     for seed in seeds:
-        snapshot = out / f"warmup_seed{seed}"  # the run folder at the end of the shared warm-up
-        shutil.rmtree(snapshot, ignore_errors=True)
-        for index, method in enumerate(methods):
-            cfg = load_config(config_path, [*overrides, f"method.name={method}", f"train.seed={seed}"])
-            run_dir = out / f"{method}_seed{seed}"
-            from_warm_up = index > 0 and warm_up > 0
-            if from_warm_up:
-                shutil.rmtree(run_dir, ignore_errors=True)  # an earlier demo's run
-                shutil.copytree(snapshot, run_dir)
-                (run_dir / "config.yaml").unlink()  # the resumed run writes its own
-            trainer = Trainer(cfg, run_dir, data=data, resume=from_warm_up)
-            if index == 0 and warm_up > 0:
-                trainer.run(until=warm_up)
-                shutil.copytree(run_dir, snapshot)
-            trainer.run()
-            model = trainer.mean_teacher.teacher if cfg.eval.use_teacher else trainer.student
-            result = evaluate_model(model, test, cfg.eval, device=trainer.device)
-            (trainer.out_dir / "eval_test.json").write_text(json.dumps(result, indent=2))
-            scores[method].append(result["miou"])
-            last_models[method] = model.cpu().eval()
-        shutil.rmtree(snapshot, ignore_errors=True)
-    runs = {
-        method: {
-            "miou": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "per_seed": dict(zip(map(str, seeds), values)),
-        }
-        for method, values in scores.items()
-    }
-    summary = {
-        "runs": runs,
-        "split": "test",
-        "test_images": len(test),
-        "eval_mode": result["eval_mode"],
-        "weights": "teacher (EMA)" if base.eval.use_teacher else "student",
-        "seeds": list(seeds),
-        "labeled_scenes": len(data.labeled),
-        "unlabeled_scenes": len(data.unlabeled) if data.unlabeled is not None else 0,
-        "iterations": base.train.iterations,
-        "shared_warm_up": warm_up,
-        "seconds": time.perf_counter() - started,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    lines = ["| method | test mIoU (mean ± std over seeds) |", "| --- | --- |"]
-    lines += [f"| {m} | {r['miou']:.2f} ± {r['std']:.2f} |" for m, r in runs.items()]
-    table = "\n".join(lines)
-    (out / "summary.md").write_text(table + "\n")
-    _figure(last_models, test, out / "comparison.png")
-    print(f"\n{len(data.labeled)} labeled + {summary['unlabeled_scenes']} unlabeled digit scenes, "
-          f"{base.train.iterations} iterations, seeds {list(seeds)}, {summary['seconds']:.0f} s")
-    print(table)
-    print(f"\nsummary: {out / 'summary.json'}\nfigure:  {out / 'comparison.png'}")
+        for group in groups.values():
+            first = configs[group[0].label][seed]
+            shared = len(group) > 1 and 0 < first.method.unlabeled_start < first.train.iterations
+            warm_up = first.method.unlabeled_start if shared else 0
+            snapshot = out / f".warmup_{group[0].label}_seed{seed}"  # the run folder at the end of the warm-up
+            shutil.rmtree(snapshot, ignore_errors=True)
+            for index, entry in enumerate(group):
+                started = time.perf_counter()
+                cfg = configs[entry.label][seed]
+                data = data_for(cfg)
+                run_dir = out / f"{entry.label}_seed{seed}"
+                (run_dir / f"eval_{split}.json").unlink(missing_ok=True)  # an earlier comparison's score
+                from_warm_up = index > 0 and warm_up > 0
+                if from_warm_up:
+                    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier comparison's run
+                    shutil.copytree(snapshot, run_dir)
+                    (run_dir / "config.yaml").unlink()  # the resumed run writes its own
+                trainer = Trainer(cfg, run_dir, data=data, resume=from_warm_up)
+                if index == 0 and warm_up > 0:
+                    trainer.run(until=warm_up)
+                    shutil.copytree(run_dir, snapshot)
+                final = trainer.run()
+                model = trainer.mean_teacher.teacher if cfg.eval.use_teacher else trainer.student
+                result = evaluate_model(model, data.eval_splits[split], cfg.eval, device=trainer.device)
+                result |= {
+                    "split": split, "label": entry.label, "seed": seed, "method": cfg.method.name,
+                    "config": str(config), "overrides": [*overrides, *entry.overrides],
+                    "weights": "teacher (EMA)" if cfg.eval.use_teacher else "student",
+                    "iteration": final["iteration"], "shared_warm_up": warm_up if from_warm_up else 0,
+                    "labeled_images": len(data.labeled),
+                    "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
+                    "seconds": time.perf_counter() - started,
+                }
+                _write_json(run_dir / f"eval_{split}.json", result)
+                last_models[entry.label] = model.cpu().eval()
+                last_test = data.eval_splits[split]
+            shutil.rmtree(snapshot, ignore_errors=True)
+    summary = summarize_runs(out, split=split)
+    _figure(last_models, last_test, out / "comparison.png")
+    paths = [*write_summary(out, summary), out / "comparison.png"]
+    print(f"\n{config}: {summary['labeled_images']} labeled + {summary['unlabeled_images']} unlabeled images, "
+          f"{summary['iterations']} iterations, seeds {summary['seeds']}, {summary['seconds']:.0f} s of training and scoring")
+    print(markdown_summary(summary))
+    print("\n" + "\n".join(f"wrote {p}" for p in paths))
     return summary
+
+
+def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
+             methods: Sequence[str] = METHODS) -> dict:
+    """supervised vs cl vs scl on the embedded digit scenes, scored on the test scenes."""
+    return run_comparison(DEMO_CONFIG, out, entries=[Entry.method(m) for m in methods], seeds=seeds, overrides=overrides)
+
+
+def _eval_curve(metrics: Path) -> tuple[dict[int, float], set[str]]:
+    """``{step: mIoU}`` of the eval records of a run's ``metrics.jsonl`` (the last one per step), and their splits."""
+    curve, splits = {}, set()
+    for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a hard kill
+            continue
+        if record.get("kind") == "eval" and record.get("miou") is not None:
+            curve[int(record["iteration"])] = float(record["miou"])
+            splits.add(str(record.get("split")))
+    return curve, splits
+
+
+def _common(values: dict[str, object]) -> object:
+    """The one value every run shares, else the ``{"<label>_seed<k>": value}`` mapping."""
+    distinct = {json.dumps(v, sort_keys=True) for v in values.values()}
+    return next(iter(values.values())) if len(distinct) == 1 else values
+
+
+def _block(per_label: dict[str, dict[str, float]], order: Sequence[str]) -> dict:
+    """Per-entry statistics and the paired difference (later minus earlier) of every two entries."""
+    runs = {}
+    for label in order:
+        stat = describe(list(per_label[label].values()))
+        runs[label] = {"miou": stat.pop("mean"), **stat, "per_seed": per_label[label]}
+    paired = {}
+    for earlier, later in itertools.combinations(order, 2):
+        if set(per_label[earlier]) & set(per_label[later]):
+            stat = paired_difference(per_label[later], per_label[earlier])
+            paired[f"{later}-{earlier}"] = stat | {"verdict": interval_verdict(stat)}
+    return {"runs": runs, "paired": paired}
+
+
+def summarize_runs(out: Path, *, split: Optional[str] = None) -> dict:
+    """The comparison summary from the ``<label>_seed<k>/`` folders in ``out`` alone.
+
+    A folder counts once it holds ``eval_<split>.json``; ``split`` may be left out when the
+    folders hold one split only. ``runs[label]`` has ``miou`` (mean), ``std``, ``ci95``, ``n``
+    and ``per_seed``; ``paired["<later>-<earlier>"]`` the mean, std, ``ci95``, ``per_seed`` and
+    ``contains_zero`` of the per-seed differences over the seeds both entries hold (entries in
+    supervised, cl, scl order, then alphabetical). ``boundary`` holds the same for
+    ``boundary_miou`` when every run reports it; ``learning_curves`` the eval-split mIoU
+    against step per entry (mean, min, max over the seeds that evaluated at that step).
+    """
+    folders = sorted(p for p in Path(out).iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and _RUN_DIR.fullmatch(p.name)) if Path(out).is_dir() else []
+    if split is None:
+        splits = sorted({f.name[5:-5] for p in folders for f in p.glob("eval_*.json")})
+        if len(splits) != 1:
+            raise ConfigError(f"{out}: " + (f"runs scored on several splits {splits}; name one with --split"
+                                            if splits else "no <label>_seed<k>/eval_<split>.json in it"))
+        split = splits[0]
+    results: dict[str, dict[int, dict]] = {}
+    for folder in folders:
+        path = folder / f"eval_{split}.json"
+        if path.is_file():
+            match = _RUN_DIR.fullmatch(folder.name)
+            results.setdefault(match["label"], {})[int(match["seed"])] = json.loads(path.read_text()) | {"dir": folder}
+    if not results:
+        raise ConfigError(f"{out}: no <label>_seed<k>/eval_{split}.json in it")
+    order = _order(list(results))
+    seeds = sorted({seed for by_seed in results.values() for seed in by_seed})
+    every = {f"{label}_seed{seed}": r for label in order for seed, r in sorted(results[label].items())}
+
+    def per_seed(key: str) -> dict[str, dict[str, float]]:
+        return {label: {str(seed): results[label][seed][key] for seed in sorted(results[label])} for label in order}
+
+    summary = {"split": split, "seeds": seeds, "methods": order,
+               "interval": "95% Student t over seeds: mean ± t(0.975, n - 1) * std / sqrt(n), std with n - 1",
+               **_block(per_seed("miou"), order)}
+    if all("boundary_miou" in r for r in every.values()):
+        summary["boundary"] = {"width": _common({k: r["boundary_width"] for k, r in every.items()}),
+                               **_block(per_seed("boundary_miou"), order)}
+    for key in ("images", "eval_mode", "weights", "iteration", "labeled_images", "unlabeled_images"):
+        summary["iterations" if key == "iteration" else key] = _common({k: r.get(key) for k, r in every.items()})
+    summary["shared_warm_up"] = max(r.get("shared_warm_up", 0) for r in every.values())
+    summary["seconds"] = sum(r.get("seconds", 0.0) for r in every.values())
+    methods, curve_splits = {}, set()
+    for label in order:
+        curves = []
+        for seed in sorted(results[label]):
+            curve, splits = _eval_curve(results[label][seed]["dir"] / "metrics.jsonl")
+            curves.append(curve)
+            curve_splits |= splits
+        steps = sorted(set().union(*curves))
+        values = [[c[s] for c in curves if s in c] for s in steps]
+        methods[label] = {"step": steps, "mean": [statistics.fmean(v) for v in values],
+                          "min": [min(v) for v in values], "max": [max(v) for v in values], "n": [len(v) for v in values]}
+    summary["learning_curves"] = {"split": "/".join(sorted(curve_splits)), "methods": methods}
+    return summary
+
+
+def _ci(ci: Optional[Sequence[float]], sign: str = "") -> str:
+    return "-" if ci is None else f"[{ci[0]:{sign}.2f}, {ci[1]:{sign}.2f}]"
+
+
+def _tables(block: dict, seeds: Sequence[int], what: str) -> list[str]:
+    heads = " | ".join(f"seed {s}" for s in seeds)
+    cell = lambda per, s: f"{per[str(s)]:.2f}" if str(s) in per else "-"  # noqa: E731
+    lines = [f"| method | {heads} | {what}: mean ± std | 95% CI |", "| --- |" + " --- |" * (len(seeds) + 2)]
+    for label, r in block["runs"].items():
+        std = "" if r["std"] is None else f" ± {r['std']:.2f}"
+        lines.append(f"| {label} | " + " | ".join(cell(r["per_seed"], s) for s in seeds)
+                     + f" | **{r['miou']:.2f}**{std} | {_ci(r['ci95'])} |")
+    lines += ["", f"| paired difference | {heads} | mean | 95% CI | reading |", "| --- |" + " --- |" * (len(seeds) + 3)]
+    for pair, d in block["paired"].items():
+        lines.append(f"| {pair.replace('-', ' − ')} | " + " | ".join(
+            f"{d['per_seed'][str(s)]:+.2f}" if str(s) in d["per_seed"] else "-" for s in seeds)
+            + f" | **{d['mean']:+.2f}** | {_ci(d['ci95'], '+')} | {d['verdict']} |")
+    return lines
+
+
+def markdown_summary(summary: dict) -> str:
+    """``summary.md``: per-seed results and paired differences (mIoU, then the boundary band)."""
+    seeds, split = summary["seeds"], summary["split"]
+    say = lambda key: "mixed (see summary.json)" if isinstance(summary[key], dict) else summary[key]  # noqa: E731
+    lines = [f"{split} mIoU, {say('weights')} weights, {say('eval_mode')} evaluation, "
+             f"{say('images')} images, seeds {seeds}.", "",
+             *_tables(summary, seeds, f"{split} mIoU")]
+    if "boundary" in summary:
+        lines += ["", f"Boundary band: mIoU of the pixels within {summary['boundary']['width']} pixels of a label edge.", "",
+                  *_tables(summary["boundary"], seeds, f"{split} boundary mIoU")]
+    lines += ["", "95% CI: Student t over seeds, mean ± t(0.975, n − 1) · std / √n; a paired difference is "
+              "later − earlier per seed, and an interval that contains 0 means the difference is inside "
+              "the seed-to-seed noise."]
+    return "\n".join(lines)
+
+
+def write_summary(out: Path, summary: dict) -> list[Path]:
+    """Write ``summary.json``, ``summary.md`` and ``learning_curves.png`` into ``out``."""
+    _write_json(out / "summary.json", summary)
+    (out / "summary.md").write_text(markdown_summary(summary) + "\n")
+    curves = summary["learning_curves"]
+    learning_curves(curves["methods"], out / "learning_curves.png", ylabel=f"{curves['split']} mIoU (%)",
+                    title=f"{curves['split']} mIoU during training: mean and min-max over seeds")
+    return [out / "summary.json", out / "summary.md", out / "learning_curves.png"]

@@ -1,13 +1,40 @@
-"""Confusion-matrix segmentation metrics: mIoU, per-class IoU, pixel accuracy."""
+"""Confusion-matrix segmentation metrics: mIoU, per-class IoU, pixel accuracy, boundary band."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["ConfusionMatrix"]
+__all__ = ["ConfusionMatrix", "boundary_band"]
+
+
+def boundary_band(target: Tensor, width: int, ignore_index: int = 255) -> Tensor:
+    """Pixels within ``width`` pixels of a label edge (the "trimap" band), ``(B, H, W)`` bool.
+
+    ``target``: ``(B, H, W)`` integer labels. A pixel is in the band when it is labelled
+    (not ``ignore_index``) and some labelled pixel of a different class lies within Chebyshev
+    distance ``width`` of it, i.e. in the ``(2 * width + 1)`` square window centred on it,
+    clipped at the image border. Both sides of every edge are in the band; ``width=1`` keeps
+    the pixels 8-adjacent to another class. Ignore pixels are never in the band and never make
+    an edge: a class that meets only an ignore region has no band there. Computed with a
+    max-pool and a min-pool of the label map, each split into a row and a column pass (the
+    maximum over a square is the maximum of its row maxima).
+    """
+    if width < 1:
+        raise ValueError(f"boundary width must be >= 1 pixel, got {width}")
+    valid = target != ignore_index
+    labels = target.to(torch.float32).unsqueeze(1)
+    size = 2 * width + 1
+    hidden = ~valid.unsqueeze(1)  # ignore pixels take -inf in both pools, so they never win either
+    both = torch.cat([labels.masked_fill(hidden, -math.inf), (-labels).masked_fill(hidden, -math.inf)], dim=1)
+    both = F.max_pool2d(both, (1, size), stride=1, padding=(0, width))  # border padding is -inf too
+    highest, negated_lowest = F.max_pool2d(both, (size, 1), stride=1, padding=(width, 0)).unbind(1)
+    labels = labels.squeeze(1)
+    return valid & ((highest != labels) | (-negated_lowest != labels))
 
 
 class ConfusionMatrix:

@@ -1,14 +1,14 @@
-"""Colour label maps, overlays and side-by-side comparison figures."""
+"""Colour label maps, overlays, side-by-side comparison figures and learning curves."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["colorize", "overlay", "comparison_grid"]
+__all__ = ["colorize", "overlay", "comparison_grid", "learning_curves"]
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -39,3 +39,34 @@ def comparison_grid(
             canvas.paste(img, (gap + c * (tw + gap), header + gap + r * (th + gap)))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def learning_curves(
+    curves: Mapping[str, Mapping[str, Sequence[float]]], path: Path, *, ylabel: str, title: str,
+    size: tuple[float, float] = (6.4, 4.0), dpi: int = 100,
+) -> None:
+    """Save a line plot PNG of ``size`` inches at ``dpi``: one line per name with a shaded band.
+
+    ``curves[name]`` holds equal-length ``"step"``, ``"mean"``, ``"min"`` and ``"max"`` lists
+    (the band spans min to max) and optionally ``"n"``, the runs behind each point, which the
+    legend states. Drawn with matplotlib's Agg canvas, without pyplot's global state.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, curve in curves.items():
+        label = f"{name} ({max(curve['n'])} runs)" if curve.get("n") else name
+        (line,) = axes.plot(curve["step"], curve["mean"], label=label, marker="." if len(curve["step"]) < 30 else None)
+        axes.fill_between(curve["step"], curve["min"], curve["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if curves:
+        axes.legend()
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)

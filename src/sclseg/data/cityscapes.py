@@ -30,6 +30,7 @@ from torch import Tensor
 
 from sclseg.config import Config, ConfigError
 from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset, dataset_root
+from sclseg.data.bundle import DataBundle, training_view
 from sclseg.data.folder import read_image, read_label_png
 from sclseg.data.splits import SplitEntry, fraction_split, read_split_dir, resolve_in_root
 
@@ -292,16 +293,10 @@ class CityscapesDataset(SegmentationDataset):
 
 def build_cityscapes(cfg: Config, *, for_training: bool = True):
     """The :class:`~sclseg.data.DataBundle` of ``data.name: cityscapes``."""
-    from sclseg.data import DataBundle, training_view
 
     cs = cfg.data.cityscapes
     root = dataset_root(cfg.data.root, "cityscapes", "leftImg8bit/ and gtFine/")
-    if cfg.data.ignore_index != IGNORE:
-        raise ConfigError(f"data.ignore_index must be {IGNORE} for Cityscapes, got {cfg.data.ignore_index}")
     label_table()  # the extra, before any scanning
-    n_split_options = sum(x is not None for x in (cs.split_dir, cs.labeled_fraction, cs.labeled_count))
-    if n_split_options > 1:
-        raise ConfigError("data.cityscapes: set at most one of split_dir, labeled_fraction and labeled_count")
 
     fine_splits = ["train"] if cs.labeled == "train" else ["train", "val"]
 

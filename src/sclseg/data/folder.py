@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sclseg.config import Config, ConfigError
 from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset, dataset_root
+from sclseg.data.bundle import DataBundle, training_view
 from sclseg.data.splits import fraction_split
 
 __all__ = [
@@ -217,13 +218,10 @@ def _pairs(image_dir: Path, mask_dir: Path) -> list[tuple[Path, Optional[Path]]]
 
 def build_folder(cfg: Config, *, for_training: bool = True):
     """The :class:`~sclseg.data.DataBundle` of ``data.name: folder``."""
-    from sclseg.data import DataBundle, training_view
 
     f = cfg.data.folder
     root = dataset_root(cfg.data.root, "folder", "images/ and masks/")
     classes = folder_classes(f.classes, f.colors)
-    if 0 <= f.ignore_value < len(classes):
-        raise ConfigError(f"data.folder.ignore_value {f.ignore_value} is a class index (classes 0..{len(classes) - 1})")
     common = dict(ignore_value=f.ignore_value, ignore_index=cfg.data.ignore_index, root=root)
 
     pairs = _pairs(root / "images", root / "masks")
@@ -231,8 +229,6 @@ def build_folder(cfg: Config, *, for_training: bool = True):
     if (root / "val").exists():
         eval_splits["val"] = FolderDataset(_pairs(root / "val" / "images", root / "val" / "masks"), classes, split="val", **common)
     elif f.val_fraction > 0:
-        if not 0 < f.val_fraction < 1:
-            raise ConfigError(f"data.folder.val_fraction must be in [0, 1), got {f.val_fraction}")
         if len(pairs) < 2:
             raise ValueError(f"{root / 'images'}: {len(pairs)} image(s) cannot be split into train and val; "
                              "add images or ROOT/val/, or set data.folder.val_fraction: 0")

@@ -17,6 +17,7 @@ Two kinds of files:
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from sclseg.config import Config, config_from_dict
+from sclseg.engine.errors import CheckpointWriteFailed
+from sclseg.serialization import safe_load
 from sclseg.models import create_model
 
 __all__ = [
@@ -73,10 +76,26 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise CheckpointWriteFailed(path, _os_error(exc) or exc, no_space=_no_space(exc)) from exc
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind ``exc`` (torch's serializer reports a failed write as a RuntimeError)."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _no_space(exc: BaseException) -> bool:
+    error = _os_error(exc)
+    return error is not None and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", *, kind: Optional[str] = None) -> dict:
@@ -89,13 +108,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", *, kind: 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, a pickle that wants to run code, ...
-        raise ValueError(
-            f"{path}: not a readable sclseg checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            "expected a file written by 'sclseg train' or 'sclseg export' (loaded with weights_only=True)"
-        ) from exc
+    ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: not an sclseg checkpoint (format {found!r}); expected {CHECKPOINT_FORMAT!r} or {WEIGHTS_FORMAT!r}")
@@ -128,11 +141,7 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible device
-            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda.cpu())
+        torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def list_checkpoints(directory: Union[str, Path]) -> list[tuple[int, Path]]:
@@ -201,8 +210,8 @@ def build_model_from_checkpoint(ckpt: dict, *, use_teacher: bool = True, source:
     if ckpt.get("format") == WEIGHTS_FORMAT or "model" in ckpt:
         held = ckpt.get("weights", "teacher")
         if not use_teacher and held != "student":
-            raise ValueError(f"{where}this exported file holds the {held} weights only; export the student with "
-                             "'sclseg export CKPT OUT --student'")
+            raise ValueError(f"{where}this exported file holds the {held} weights only; the student's are in the "
+                             "training checkpoint it was exported from (or an export of the student)")
         key = "model"
     else:
         key = "teacher" if use_teacher and "teacher" in ckpt else "student"

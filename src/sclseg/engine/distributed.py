@@ -18,6 +18,8 @@ import torch
 import torch.distributed as td
 from torch import Tensor, nn
 
+from sclseg.config import ConfigError
+
 __all__ = [
     "setup",
     "cleanup",
@@ -46,11 +48,11 @@ def setup(device_request: str) -> torch.device:
             device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"train.device={device_request!r} asks for CUDA but no GPU is available")
+            raise ConfigError(f"train.device: {device_request!r} asks for CUDA, but torch sees no GPU on this machine; use cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"process with LOCAL_RANK={local_rank} wants {device} but this node has {torch.cuda.device_count()} "
-                "GPU(s): start at most one process per GPU (torchrun --nproc-per-node)"
+            raise ConfigError(
+                f"train.device: process with LOCAL_RANK={local_rank} wants {device} but this node has {torch.cuda.device_count()} "
+                "GPU(s): start at most one process per GPU"
             )
         torch.cuda.set_device(device)
     if world > 1 and not td.is_initialized():

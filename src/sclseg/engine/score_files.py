@@ -118,6 +118,18 @@ def _name(dataset: SegmentationDataset, index: int) -> str:
     return dataset.load(index)[2]
 
 
+def _as_class_indices(pred: np.ndarray, path: Path, ids: Optional[IdFormat]) -> tuple[np.ndarray, str]:
+    """A prediction ``(H, W)`` as class indices, and the format it was in; ``ids=None``: not Cityscapes."""
+    if ids is None:
+        return pred, "class_indices"
+    fmt = ("train_ids" if "trainid" in path.stem.lower() else "label_ids") if ids == "auto" else ids
+    if fmt == "label_ids":
+        from sclseg.data.cityscapes import label_ids_to_train_ids
+
+        pred = label_ids_to_train_ids(pred).astype(np.int64)
+    return pred, fmt
+
+
 def score_prediction_dir(
     dataset: SegmentationDataset,
     pred_dir: PathLike,
@@ -151,18 +163,8 @@ def score_prediction_dir(
                 missing.append(name)
                 continue
             raise FileNotFoundError(f"no prediction for '{name}' in {pred_dir} (expected {name}.png or {name}_*.png)")
-        pred = read_prediction(path)
-        if cityscapes:
-            fmt = ids
-            if fmt == "auto":
-                fmt = "train_ids" if "trainid" in path.stem.lower() else "label_ids"
-            if fmt == "label_ids":
-                from sclseg.data.cityscapes import label_ids_to_train_ids
-
-                pred = label_ids_to_train_ids(pred).astype(np.int64)
-            formats.add(fmt)
-        else:
-            formats.add("class_indices")
+        pred, fmt = _as_class_indices(read_prediction(path), path, ids if cityscapes else None)
+        formats.add(fmt)
         pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)
         target = _ground_truth(dataset, i).long()
         if tuple(target.shape) != pred.shape:

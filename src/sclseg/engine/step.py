@@ -21,7 +21,10 @@ from sclseg.cutmix import BoxMaskGenerator, mix
 from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss
 from sclseg.teacher import MeanTeacher
 
-__all__ = ["compute_loss", "train_step", "unlabeled_weight"]
+__all__ = ["AMP_DTYPES", "compute_loss", "train_step", "unlabeled_weight"]
+
+#: ``train.amp`` -> the autocast dtype of the forward passes (None: float32 throughout).
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def unlabeled_weight(method: MethodConfig, iteration: int) -> float:
@@ -101,8 +104,8 @@ def train_step(
     mean_teacher: MeanTeacher,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batch: dict | list[dict],
-    unlabeled_batch: dict | list[Optional[dict]] | None,
+    batches: list[dict],
+    unlabeled_batches: Optional[list[dict]],
     *,
     method: MethodConfig,
     mask_generator: BoxMaskGenerator,
@@ -121,15 +124,11 @@ def train_step(
     passes under autocast; the loss and the returned terms are float32 (averaged over the
     micro-batches). ``scaler`` (fp16) scales the loss and skips steps with non-finite gradients.
     """
-    micro = list(batch) if isinstance(batch, (list, tuple)) else [batch]
-    if unlabeled_batch is None:
-        umicro: list[Optional[dict]] = [None] * len(micro)
-    elif isinstance(unlabeled_batch, (list, tuple)):
-        umicro = list(unlabeled_batch)
-    else:
-        umicro = [unlabeled_batch]
+    micro = list(batches)
+    umicro: list[Optional[dict]] = [None] * len(micro) if unlabeled_batches is None else list(unlabeled_batches)
     if not micro or len(umicro) != len(micro):
-        raise ValueError(f"train_step: {len(micro)} labeled and {len(umicro)} unlabeled micro-batches; expected as many of each (>= 1)")
+        raise ValueError(f"train_step: {len(micro)} labeled and {len(umicro)} unlabeled micro-batches; "
+                         "expected as many of each (>= 1)")
     count = len(micro)
     student.train()
     optimizer.zero_grad(set_to_none=True)
@@ -141,18 +140,10 @@ def train_step(
         autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with sync:
             with autocast:
-                loss, terms = compute_loss(
-                    student,
-                    mean_teacher.teacher,
-                    labeled["image"],
-                    labeled["mask"],
-                    None if unlabeled is None else unlabeled["image"],
-                    method=method,
-                    mask_generator=mask_generator,
-                    generator=generator,
-                    weight=weight,
-                    ignore_index=ignore_index,
-                )
+                loss, terms = compute_loss(student, mean_teacher.teacher, labeled["image"], labeled["mask"],
+                                           None if unlabeled is None else unlabeled["image"], method=method,
+                                           mask_generator=mask_generator, generator=generator, weight=weight,
+                                           ignore_index=ignore_index)
             loss = loss.float()
             if count > 1:
                 loss = loss / count
@@ -163,6 +154,13 @@ def train_step(
         for key, value in terms.items():
             value = value.detach().float()
             totals[key] = value / count if key not in totals else totals[key] + value / count
+    _optimizer_step(optimizer, scheduler, scaler)
+    mean_teacher.update(student)
+    return totals
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    scaler: Optional[torch.amp.GradScaler]) -> None:
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -172,5 +170,3 @@ def train_step(
         # a GradScaler skips steps with inf/NaN gradients (fp16 warm-up): the schedule still advances
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         scheduler.step()
-    mean_teacher.update(student)
-    return totals

@@ -1,0 +1,150 @@
+"""The run folder and its metrics: ``config.yaml``, ``metrics.jsonl``, TensorBoard ``tb/``.
+
+Only rank 0 writes; on other ranks every method is a no-op, so callers need not check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+from sclseg.config import Config, config_to_dict
+from sclseg.engine.checkpoint import list_checkpoints
+from sclseg.engine.errors import RunFolderInUse
+
+__all__ = ["RunFolder", "json_safe"]
+
+_RUN_FILES = ("metrics.jsonl", "final.json", "best.pt")
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no NaN/Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+class RunFolder:
+    """One run's folder: what a fresh run clears, what a resumed run keeps, and the metric records.
+
+    Args:
+        main: whether this process writes (rank 0).
+    """
+
+    def __init__(self, path: Path, *, main: bool) -> None:
+        self.path = Path(path)
+        self.main = main
+        self._writer = None
+
+    # ------------------------------------------------------------------ set-up
+    def start_fresh(self, cfg: Config, existing: Literal["replace", "error"]) -> None:
+        """Make the folder, clear an earlier run's files (or refuse, ``existing="error"``), write the config."""
+        if not self.main:
+            return
+        stale = [p for _, p in list_checkpoints(self.path)]
+        if stale and existing == "error":
+            raise RunFolderInUse(self.path, stale[-1])
+        self.path.mkdir(parents=True, exist_ok=True)
+        if stale or any((self.path / name).exists() for name in _RUN_FILES):
+            self.log(f"fresh run in {self.path}: removing the earlier run's checkpoints and metrics")
+            for path in stale:
+                path.unlink(missing_ok=True)
+            for name in _RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        self.write_config(cfg)
+
+    def continue_at(self, cfg: Config, iteration: int) -> None:
+        """Prepare the folder of a run resumed at ``iteration``: drop metric records after it."""
+        if not self.main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / "config.yaml").exists():  # resuming another run's checkpoint here
+            self.write_config(cfg)
+        self._truncate_metrics(iteration)
+
+    def write_config(self, cfg: Config) -> None:
+        (self.path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Keep the records up to ``iteration`` (the later ones are redone), once each."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, seen = [], set()
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a hard kill
+                continue
+            key = (record.get("kind"), record.get("iteration"))
+            if int(record.get("iteration", 0)) <= iteration and (key[0] == "resume" or key not in seen):
+                kept.append(line)
+                seen.add(key)
+        tmp = path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def eval_records(self) -> list[dict]:
+        """The evaluation records of ``metrics.jsonl`` (empty if there is none)."""
+        path = self.path / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") == "eval":
+                records.append(record)
+        return records
+
+    # ------------------------------------------------------------------ records
+    def open_tensorboard(self) -> None:
+        """Also send numeric records to TensorBoard (``tb/``) when it is installed."""
+        if not self.main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self._writer = SummaryWriter(str(self.path / "tb"))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def record(self, record: dict) -> None:
+        """Append one JSON object to ``metrics.jsonl`` (and its numbers to TensorBoard)."""
+        if not self.main:
+            return
+        with open(self.path / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(json_safe(record)) + "\n")
+        if self._writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self._writer.add_scalar(key, value, record["iteration"])
+
+    def write_final(self, final: dict) -> None:
+        if self.main:
+            (self.path / "final.json").write_text(json.dumps(json_safe(final), indent=2))
+
+    def log(self, message: str) -> None:
+        """A line for the person watching (stderr, rank 0)."""
+        if self.main:
+            print(message, file=sys.stderr, flush=True)
+
+    def read_final(self) -> Optional[dict]:
+        path = self.path / "final.json"
+        return json.loads(path.read_text()) if path.is_file() else None
