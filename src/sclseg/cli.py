@@ -1,4 +1,4 @@
-"""The ``sclseg`` command: train, evaluate, predict, demo.
+"""The ``sclseg`` command: train, evaluate, check, predict, export, demo, compare.
 
 Every command prints a human-readable result and writes a JSON file beside it.
 """
@@ -166,6 +166,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.eval.split}: mIoU {result['miou']:.2f} ({result['eval_mode']}, {result['images']} images) -> {out}")
+    if result.get("boundary_miou") is not None:
+        print(f"  boundary mIoU {result['boundary_miou']:.2f} (pixels within {result['boundary_width']} of a label edge)")
     for name, iou in result["per_class_iou"].items():
         print(f"  {name:>16s} {'-' if iou is None else f'{iou:6.2f}'}")
     return 0
