@@ -194,8 +194,9 @@ def fmt_bytes(n: Optional[float]) -> str:
     return f"{n / 1024**2:.1f} MiB"
 
 
-def peak_memory_cpu(step: Callable[[], None]) -> Optional[int]:
-    """Peak of the running sum of CPU allocations minus frees during ``step`` (bytes)."""
+def cpu_allocation_peaks(step: Callable[[], None], before: Optional[str] = None) -> Optional[tuple[int, int]]:
+    """Peaks of the running sum of CPU allocations minus frees during ``step`` (bytes above the start):
+    ``(peak before the first profiler event named ``before...``, peak of the whole step)``."""
     try:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
@@ -209,17 +210,23 @@ def peak_memory_cpu(step: Callable[[], None]) -> Optional[int]:
             yield node
             yield from walk(node.children)
 
-    events = [
-        n
-        for n in walk(prof.profiler.kineto_results.experimental_event_tree())
-        if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"
-    ]
-    events.sort(key=lambda n: n.start_time_ns)
-    running = peak = 0
+    nodes = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    cut = min((n.start_time_ns for n in nodes if before and n.name.startswith(before)), default=None)
+    events = sorted((n for n in nodes if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"),
+                    key=lambda n: n.start_time_ns)
+    running = peak = peak_before = 0
     for node in events:
         running += node.extra_fields.alloc_size  # negative for a free
         peak = max(peak, running)
-    return peak
+        if cut is None or node.start_time_ns < cut:
+            peak_before = max(peak_before, running)
+    return peak_before, peak
+
+
+def peak_memory_cpu(step: Callable[[], None]) -> Optional[int]:
+    """Peak of the running sum of CPU allocations minus frees during ``step`` (bytes)."""
+    peaks = cpu_allocation_peaks(step)
+    return None if peaks is None else peaks[1]
 
 
 def peak_memory_cuda(step: Callable[[], None], device: torch.device) -> int:

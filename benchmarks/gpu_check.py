@@ -1,0 +1,294 @@
+"""Validate a GPU machine in about ten minutes: one JSON + one markdown summary under OUT_DIR.
+
+Stages (each a subprocess with its own time limit; a failed stage is recorded and the rest run):
+
+1. ``cuda_tests``: the tests that need CUDA (``pytest -k cuda``; they skip without a GPU).
+2. ``train_steps``: a few :func:`sclseg.engine.step.train_step` calls of every paper-scale model
+   (``sclseg.models.MODEL_NAMES`` without ``compact``) in float32, bfloat16 and float16 with a
+   GradScaler, on synthetic Cityscapes-size crops (800x800, 1 labeled + 2 unlabeled): losses
+   finite, weights changed, step time and peak memory (``python gpu_check.py steps``).
+3. ``bench_step_scl`` / ``bench_step_cl``: ``bench_step.py`` at paper scale (WRN38, 800x800,
+   synthetic), ``overhead_ratio`` for each method.
+4. ``bench_losses``: the losses at 512x1024.
+5. ``bench_memory``: WRN38 at 800x800 for each checkpointing and AMP setting.
+6. ``inference``: whole, tiled and multi-scale+flip tiled inference of WRN38 on 1024x2048 images.
+
+``--cpu-smoke`` runs the same stages on the CPU at toy sizes (the ``compact`` model, 32-64 pixel
+crops, one or two repeats) in well under a minute: it checks that the script, the benchmarks it
+calls and the summary still work, not the figures.
+
+Usage::
+
+    bash benchmarks/gpu_check.sh runs/gpu_check            # on the GPU machine
+    bash benchmarks/gpu_check.sh /tmp/smoke --cpu-smoke    # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PRECISIONS = ("off", "bf16", "fp16")
+
+
+@dataclass
+class Stage:
+    """One command of the check; ``json_name`` is the file under OUT_DIR it writes (if any)."""
+
+    name: str
+    argv: list[str]
+    timeout_s: int
+    json_name: Optional[str] = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def plan(out: Path, smoke: bool) -> list[Stage]:
+    """The stages and their sizes: paper scale on a GPU, toy sizes with ``smoke``.
+
+    On a GPU the time limits add up to 570 s, so that the whole check ends within ten minutes.
+    """
+    py = sys.executable
+    bench = str(HERE)
+    device = "cpu" if smoke else "cuda"
+    j = lambda name: str(out / name)  # noqa: E731
+    if smoke:
+        paper, crop, losses, infer = "digits/default", ["32", "32"], "32x64", ["--size", "64x128", "--tile", "32x64"]
+        steps = ["--models", "compact", "--crop", "32", "32", "--steps", "2"]
+        iters = ["--iters", "2", "--warmup", "1"]
+        inference_model = ["--model", "compact", "--scales", "0.5,1", "--ms-tile", "32x64", "--repeats", "1"]
+    else:
+        paper, crop, losses, infer = "cityscapes/scl_wrn38", ["800", "800"], "512x1024", ["--size", "1024x2048",
+                                                                                          "--tile", "800x800"]
+        steps = ["--crop", "800", "800", "--steps", "3"]
+        iters = ["--iters", "10", "--warmup", "3"]
+        inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
+                           "--repeats", "2"]
+    stages = [
+        Stage("cuda_tests", [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p", "no:cacheprovider"],
+              80),
+        Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out", j("train_steps.json"),
+                              *steps], 170, "train_steps.json"),
+        *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
+                                    "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 70,
+                f"bench_step_{m}.json") for m in ("scl", "cl")),
+        Stage("bench_losses", [py, f"{bench}/bench_losses.py", "--device", device, "--sizes", losses, "--repeats",
+                               "2" if smoke else "5", "--out", j("bench_losses.json")], 45, "bench_losses.json"),
+        Stage("bench_memory", [py, f"{bench}/bench_memory.py", "--config", paper, "--device", device, "--crop", *crop,
+                               "--amp", "off,bf16" if smoke else ",".join(PRECISIONS), "--out", j("bench_memory.json")],
+              90, "bench_memory.json"),
+        Stage("inference", [py, f"{bench}/bench_inference.py", "--device", device, *inference_model, *infer,
+                            "--out", j("inference.json")], 45, "inference.json"),
+    ]
+    if smoke:  # one thread per process (a loaded CI machine) and limits that only catch hangs
+        for stage in stages:
+            stage.env["OMP_NUM_THREADS"] = "1"
+            stage.timeout_s = 600
+    return stages
+
+
+def run_stage(stage: Stage, out: Path) -> dict:
+    """Run one stage; its log goes to OUT_DIR/<name>.log, its JSON (if any) into the record."""
+    log = out / f"{stage.name}.log"
+    t0 = time.perf_counter()
+    env = os.environ | {"PYTHONUNBUFFERED": "1", "KINETO_LOG_LEVEL": "5"} | stage.env
+    try:
+        proc = subprocess.run(stage.argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=stage.timeout_s)
+        text, code = proc.stdout, proc.returncode
+        status = "ok" if code == 0 else "failed"
+    except subprocess.TimeoutExpired as exc:
+        text = exc.stdout if isinstance(exc.stdout, str) else (exc.stdout or b"").decode(errors="replace")
+        code, status = None, "timeout"
+    log.write_text(text)
+    record: dict[str, Any] = {"name": stage.name, "status": status, "returncode": code,
+                              "seconds": round(time.perf_counter() - t0, 1), "command": stage.argv,
+                              "log": log.name, "tail": text.strip().splitlines()[-8:]}
+    if stage.json_name and (out / stage.json_name).is_file():
+        record["result"] = json.loads((out / stage.json_name).read_text())
+    if stage.name == "cuda_tests" and code == 5:  # pytest: no test collected
+        record["status"] = "failed"
+    return record
+
+
+# --------------------------------------------------------------------------- training steps
+
+
+def train_steps(args: argparse.Namespace) -> int:
+    """``steps`` subcommand: a few training steps of each model in each precision; JSON to ``--out``."""
+    import tempfile
+
+    import torch
+
+    from bench_losses import write_json
+    from bench_memory import one_step, synthetic_batches
+    from bench_step import synthetic_data
+    from sclseg.config import load_config, resolve_config_path
+    from sclseg.engine.trainer import Trainer
+    from sclseg.models import MODEL_NAMES
+
+    device = torch.device(args.device)
+    models = args.models.split(",") if args.models else [m for m in MODEL_NAMES if m != "compact"]
+    results, failures = [], 0
+    for name in models:
+        for amp in args.amp.split(","):
+            row: dict[str, Any] = {"model": name, "amp": amp, "crop": args.crop}
+            try:
+                cfg = load_config(resolve_config_path(args.config), [
+                    f"model.name={name}", f"train.amp='{amp}'", f"data.crop_size=[{args.crop[0]}, {args.crop[1]}]",
+                    "data.batch_size=1", "data.unlabeled_batch_size=2", "train.grad_accum=1",
+                    f"train.device={device.type}", "method.unlabeled_start=0", "method.rampup_iters=0"])
+                with tempfile.TemporaryDirectory() as run_dir:
+                    trainer = Trainer(cfg, run_dir, data=synthetic_data(cfg, 19), show_progress=False)
+                    before = [p.detach().clone() for p in trainer.student.parameters()]
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                    times, losses = [], []
+                    for step in range(args.steps):
+                        batch, ubatch = synthetic_batches(trainer, step)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        t0 = time.perf_counter()
+                        terms = one_step(trainer, batch, ubatch)
+                        losses.append(float(terms["loss"]))  # float() synchronises
+                        times.append(time.perf_counter() - t0)
+                    changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.student.parameters()))
+                    scale = float(trainer.scaler.get_scale()) if trainer.scaler is not None else None
+                    del trainer, before
+                finite = all(math.isfinite(v) for v in losses)
+                row |= {"losses": losses, "step_s": times, "weights_changed": changed, "losses_finite": finite,
+                        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                        "scaler_scale": scale}
+                # fp16: the GradScaler may skip the first steps (inf gradients) while it lowers its scale
+                row["status"] = "ok" if finite and (changed or amp == "fp16") else "failed"
+            except Exception as exc:  # an OOM or a kernel error of one model must not hide the others
+                row |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+            failures += row["status"] == "failed"
+            print(f"{name:<36} {amp:>4}: {row['status']}"
+                  + (f", step {1e3 * min(row['step_s']):.0f} ms, losses {row['losses']}" if "step_s" in row else "")
+                  + (f" ({row['error']})" if "error" in row else ""), flush=True)
+            results.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    write_json(args.out, {"device": args.device, "config": args.config, "runs": results})
+    return 1 if failures else 0
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def _gb(n: Optional[float]) -> str:
+    return "" if n is None else f"{n / 1024**3:.2f}"
+
+
+def _figures(record: dict) -> str:
+    """The headline numbers of one stage, for the summary table."""
+    r = record.get("result")
+    if not r:
+        return ""
+    name = record["name"]
+    if name.startswith("bench_step"):
+        return f"overhead_ratio {r['overhead_ratio']:.3f}, loop step {r['loop_step_ms']:.1f} ms"
+    if name == "train_steps":
+        ok = sum(row["status"] == "ok" for row in r["runs"])
+        return f"{ok}/{len(r['runs'])} model x precision runs ok"
+    if name == "bench_memory":
+        return ", ".join(f"{x['activation_checkpointing']}/{x['amp']} {_gb(x['peak_bytes'])} GB {x['step_s']:.2f} s"
+                         for x in r["runs"])
+    return ""
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# GPU check: {summary['device_name']}", "",
+             f"torch {summary['torch']}, CUDA {summary['cuda']}, {summary['started']}, "
+             f"{summary['seconds']:.0f} s in all{' (CPU smoke run: toy sizes)' if summary['smoke'] else ''}", "",
+             "| stage | status | seconds | figures |", "|---|---|---:|---|"]
+    for s in summary["stages"]:
+        lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {_figures(s)} |")
+    steps = next((s.get("result") for s in summary["stages"] if s["name"] == "train_steps"), None)
+    if steps:
+        lines += ["", "## Training steps (synthetic data)", "",
+                  "| model | amp | status | best step (ms) | peak (GB) | losses |", "|---|---|---|---:|---:|---|"]
+        for row in steps["runs"]:
+            best = f"{1e3 * min(row['step_s']):.0f}" if row.get("step_s") else ""
+            losses = ", ".join(f"{v:.3f}" for v in row.get("losses", [])) or row.get("error", "")
+            lines.append(f"| {row['model']} | {row['amp']} | {row['status']} | {best} | {_gb(row.get('peak_bytes'))} "
+                         f"| {losses} |")
+    memory = next((s.get("result") for s in summary["stages"] if s["name"] == "bench_memory"), None)
+    if memory:
+        lines += ["", "## Memory of one scl step (bench_memory)", "",
+                  "| crop | checkpointing | amp | peak allocated (GB) | reserved (GB) | step (s) |",
+                  "|---|---|---|---:|---:|---:|"]
+        for x in memory["runs"]:
+            lines.append(f"| {x['crop'][0]}x{x['crop'][1]} | {x['activation_checkpointing']} | {x['amp']} | "
+                         f"{_gb(x['peak_bytes'])} | {_gb(x['reserved_bytes'])} | {x['step_s']:.3f} |")
+    failed = [s["name"] for s in summary["stages"] if s["status"] != "ok"]
+    lines += ["", "All stages passed." if not failed else f"Not passed: {', '.join(failed)} (see their .log files).", ""]
+    return "\n".join(lines)
+
+
+def check(args: argparse.Namespace) -> int:
+    import torch
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible (use --cpu-smoke for a CPU dry run)", file=sys.stderr)
+        return 2
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S %Z"), time.perf_counter()
+    records = []
+    for stage in plan(out, args.cpu_smoke):
+        print(f"[gpu_check] {stage.name} ...", flush=True)
+        record = run_stage(stage, out)
+        print(f"[gpu_check] {stage.name}: {record['status']} in {record['seconds']:.0f} s {_figures(record)}", flush=True)
+        records.append(record)
+    cuda = torch.cuda.is_available() and not args.cpu_smoke
+    summary = {
+        "smoke": args.cpu_smoke,
+        "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "started": started,
+        "seconds": time.perf_counter() - t0,
+        "stages": records,
+        "passed": all(r["status"] == "ok" for r in records),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "summary.md").write_text(markdown(summary))
+    print(f"[gpu_check] wrote {out / 'summary.json'} and {out / 'summary.md'}; "
+          f"{'all stages passed' if summary['passed'] else 'some stages did not pass'}")
+    return 0 if summary["passed"] else 1
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="run every stage and write OUT_DIR/summary.{json,md}")
+    p.add_argument("out_dir")
+    p.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU: checks the script, not the GPU")
+    p.set_defaults(func=check)
+    p = sub.add_parser("steps", help="a few training steps per model and precision (stage train_steps)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--config", default="cityscapes/scl_wrn38")
+    p.add_argument("--models", default=None, help="comma-separated model names (default: every paper-scale model)")
+    p.add_argument("--amp", default=",".join(PRECISIONS))
+    p.add_argument("--crop", type=int, nargs=2, default=[800, 800], metavar=("H", "W"))
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=train_steps)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""benchmarks/gpu_check.sh in its CPU smoke mode (every stage at toy sizes), and the pieces of
+benchmarks/bench_memory.py that turn measurements into figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_memory import fit_lines, resident_bytes  # noqa: E402
+
+STAGES = ["cuda_tests", "train_steps", "bench_step_scl", "bench_step_cl", "bench_losses", "bench_memory", "inference"]
+
+
+def test_fit_recovers_a_known_line_and_predicts_800x800():
+    # forward+backward peak = 3 GiB + 20 KiB per pixel at 64x64 and 128x128; the update phase peaks
+    # at 3.5 GiB at 64x64 (above the line there) and below the line at 128x128
+    a, b = 3 * 1024**3, 20 * 1024
+    runs = [{"activation_checkpointing": "all", "amp": "bf16", "crop": [h, h], "peak_fwd_bwd_bytes": a + b * h * h,
+             "peak_bytes": max(a + b * h * h, int(3.5 * 1024**3))} for h in (64, 128)]
+    runs.append({"activation_checkpointing": "off", "amp": "off", "crop": [64, 64], "peak_bytes": 1,
+                 "peak_fwd_bwd_bytes": 1})
+    (fit,) = fit_lines(runs, (800, 800))  # the single-size setting gets no line
+    assert fit["activation_checkpointing"] == "all" and fit["amp"] == "bf16"
+    assert fit["bytes_per_pixel"] == pytest.approx(b) and fit["intercept_bytes"] == pytest.approx(a)
+    assert fit["predicted_peak_bytes"] == pytest.approx(a + b * 640_000)  # 15.2 GiB: the line wins
+    assert fit["max_relative_residual"] == pytest.approx(0.0, abs=1e-12)
+    (small,) = fit_lines(runs, (64, 64))
+    assert small["predicted_peak_bytes"] == int(3.5 * 1024**3)  # at a small crop the update phase wins
+
+
+def test_resident_bytes_counts_each_storage_once():
+    w = torch.zeros(1000)  # 4000 bytes
+    g = torch.zeros(10, dtype=torch.float64)  # 80 bytes
+    assert resident_bytes([w, w[:10], w.view(10, 100), g]) == 4080
+
+
+def test_usage_errors_exit_2(tmp_path):
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr
+    if not torch.cuda.is_available():
+        no_gpu = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True)
+        assert no_gpu.returncode == 2 and "--cpu-smoke" in no_gpu.stderr
+
+
+def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"],
+                          capture_output=True, text=True, timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert list(stages) == STAGES
+    not_ok = {name: s["tail"] for name, s in stages.items() if s["status"] != "ok"}
+    assert not not_ok and proc.returncode == 0 and summary["passed"] and summary["smoke"]
+
+    steps = stages["train_steps"]["result"]["runs"]
+    assert [(r["model"], r["amp"]) for r in steps] == [("compact", "off"), ("compact", "bf16"), ("compact", "fp16")]
+    assert all(r["losses_finite"] and len(r["losses"]) == 2 for r in steps)
+    memory = stages["bench_memory"]["result"]["runs"]
+    assert {(r["activation_checkpointing"], r["amp"]) for r in memory} == {
+        (c, a) for c in ("off", "encoder", "all") for a in ("off", "bf16")}
+    assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in memory)
+    assert stages["bench_step_scl"]["result"]["overhead_ratio"] > 0
+
+    text = (out / "summary.md").read_text()
+    assert all(f"| {name} | ok |" in text for name in STAGES) and "All stages passed." in text
