@@ -7,17 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from toy_models import Pointwise
 from sclseg.engine.inference import predict_probs, unimatch_v1_windows, unimatch_v2_windows, window_mode_name
-
-
-class Pointwise(nn.Module):
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 class Contextual(nn.Module):

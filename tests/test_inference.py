@@ -6,19 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from toy_models import Pointwise
 from sclseg.engine.inference import predict_probs, tile_starts
-
-
-class Pointwise(nn.Module):
-    """A 1x1 convolution: receptive field of one pixel, so tiles cannot change its output."""
-
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, classes, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
 
 
 class SymmetricConv(nn.Module):

@@ -35,19 +35,30 @@ def _resume_argument(args: argparse.Namespace) -> None:
         args.resume = "latest"
 
 
-def _dry_run(cfg: Config, args: argparse.Namespace, out: Path) -> Path:
-    """Shrink the run to one step that evaluates one image; check every data file unless ``--quick``."""
+def _dry_run(cfg: Config, args: argparse.Namespace):
+    """Shrink the run to one step that evaluates one image; check every data file unless ``--quick``.
+
+    Returns the data, built once for the check and the trainer. When the builder stops at a bad
+    layout, the check (which scans the layout itself) lists every problem instead of the first.
+    """
+    from sclseg.data import build_data
+    from sclseg.data.check import check_data
+
     cfg.train.iterations = 1
     cfg.train.eval_interval = cfg.train.checkpoint_interval = cfg.train.log_interval = 1
+    try:
+        data = build_data(cfg)
+    except (ValueError, FileNotFoundError):
+        if not args.quick:
+            check_data(cfg).raise_for_problems()
+        raise
     if not args.quick:
-        from sclseg.data.check import check_data
-
-        report = check_data(cfg)
+        report = check_data(cfg, bundle=data)
         print(f"data check: {report.summary()}", file=sys.stderr)
         for problem in report.warnings:
             print(f"warning: {problem.line()}", file=sys.stderr)
         report.raise_for_problems()
-    return out / "dry_run"
+    return data
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -58,12 +69,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _resume_argument(args)
     cfg = _load(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    data = None
     if args.dry_run:
-        out = _dry_run(cfg, args, out)
+        data = _dry_run(cfg, args)
+        out = out / "dry_run"
     resume = {"latest": True, "auto": "auto"}.get(args.resume, args.resume)
     args.run_dir = out  # for the messages of a stopped run
     try:
-        trainer = Trainer(cfg, out, resume=resume, existing="replace" if args.dry_run else "error",
+        trainer = Trainer(cfg, out, resume=resume, data=data, existing="replace" if args.dry_run else "error",
                           eval_images=1 if args.dry_run else None)
         final = trainer.run()
     except RunFolderInUse as exc:

@@ -81,33 +81,31 @@ class RunFolder:
         if not path.is_file():
             return
         kept, seen = [], set()
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a hard kill
-                continue
+        for record in self._records():
             key = (record.get("kind"), record.get("iteration"))
             if int(record.get("iteration", 0)) <= iteration and (key[0] == "resume" or key not in seen):
-                kept.append(line)
+                kept.append(json.dumps(record))
                 seen.add(key)
         tmp = path.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
 
-    def eval_records(self) -> list[dict]:
-        """The evaluation records of ``metrics.jsonl`` (empty if there is none)."""
+    def _records(self) -> list[dict]:
+        """The records of ``metrics.jsonl``, without a line cut by a hard kill (empty if there is none)."""
         path = self.path / "metrics.jsonl"
         if not path.is_file():
             return []
         records = []
         for line in path.read_text().splitlines():
             try:
-                record = json.loads(line)
+                records.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-            if record.get("kind") == "eval":
-                records.append(record)
         return records
+
+    def eval_records(self) -> list[dict]:
+        """The evaluation records of ``metrics.jsonl``."""
+        return [r for r in self._records() if r.get("kind") == "eval"]
 
     # ------------------------------------------------------------------ records
     def open_tensorboard(self) -> None:
