@@ -16,6 +16,9 @@ temporary folder and measures:
 from the first step (``method.unlabeled_start=0``, ``method.rampup_iters=0``), so the timed steps
 are the semi-supervised steps.
 
+``--compete N`` runs N busy processes (one spinning Python loop each) beside the timed steps: the
+step time of a machine whose cores are shared, to choose ``train.threads`` for such machines.
+
 ``--synthetic`` replaces the data by random images of the crop size (blocky labels), for paper
 scale without Cityscapes; the loop then still runs the real streams and augmentation.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,6 +130,11 @@ def network_passes(trainer: Trainer, rounds: int) -> dict[str, list[float]]:
     return {k: v for k, v in times.items() if v}
 
 
+def competing_processes(n: int) -> list[subprocess.Popen]:
+    """``n`` processes that each keep one core busy until killed."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="digits/default", help="packaged config name or YAML path")
@@ -136,11 +145,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--synthetic", action="store_true", help="random images of the crop size instead of the data")
     parser.add_argument("--classes", type=int, default=19, help="classes of the model with --synthetic")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: train.threads)")
+    parser.add_argument("--compete", type=int, default=0, help="busy processes running beside the timed steps")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.amp=bf16")
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0:
-        parser.error("need --iters >= 1 and --warmup >= 0")
+    if args.iters < 1 or args.warmup < 0 or args.compete < 0:
+        parser.error("need --iters >= 1, --warmup >= 0 and --compete >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
 
@@ -169,8 +179,14 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{d.batch_size} labeled + {d.unlabeled_batch_size} unlabeled x grad_accum {cfg.train.grad_accum}, "
               f"amp={cfg.train.amp}; data: {'synthetic' if args.synthetic else cfg.data.name}", flush=True)
         timer = StepTimes()
-        trainer.run(evaluate=False, callbacks=[timer])
-        sync(device)
+        rivals = competing_processes(args.compete)
+        try:
+            trainer.run(evaluate=False, callbacks=[timer])
+            sync(device)
+        finally:
+            for rival in rivals:
+                rival.kill()
+                rival.wait()
         loop = summary(timer.durations(args.warmup))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -197,7 +213,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "machine": info | {"torch_threads": torch.get_num_threads()},
             "config": {"command": " ".join(sys.argv if argv is None else ["bench_step.py", *argv]),
                        "config": args.config, "resolved": config_to_dict(cfg), "synthetic": args.synthetic,
-                       "iters": args.iters, "warmup": args.warmup, "params": n_params},
+                       "iters": args.iters, "warmup": args.warmup, "params": n_params,
+                       "competing_processes": args.compete},
             "network_ms": network, "network_pass_ms": network_ms, "loop_step_ms": loop["mean"], "loop_step_summary_ms": loop,
             "overhead_ratio": ratio, "target": {"statement": f"overhead_ratio <= {TARGET_RATIO}", "met": met},
             "peak_cuda_bytes": peak,
