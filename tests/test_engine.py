@@ -13,11 +13,12 @@ from PIL import Image
 
 from sclseg.cli import main
 from sclseg.config import ConfigError, load_config, resolve_config_path
-from sclseg.cutmix import BoxMaskGenerator
+from sclseg.cutmix import BoxMaskGenerator, mix
 from sclseg.data import build_data
 from sclseg.data.digits import DIGIT_CLASSES
 from sclseg.engine.optim import build_optimizer
 from sclseg.engine.step import compute_loss, unlabeled_weight
+from sclseg.losses import structured_consistency_loss
 from sclseg.metrics import ConfusionMatrix
 from sclseg.models import create_model
 from sclseg.teacher import MeanTeacher
@@ -240,6 +241,36 @@ def test_confidence_threshold_masks_the_pixel_consistency() -> None:
 
     assert loss_c(0.0) == pytest.approx(loss_c(None))  # every top probability exceeds 0
     assert loss_c(1.0) == 0.0  # no pixel is that confident: the term is empty
+
+
+def test_sc_confident_only_drops_the_unconfident_pixels_from_every_region() -> None:
+    cfg, model, images, labels, unlabeled = _tiny_setup("scl")
+    teacher = MeanTeacher(model, 0.9)
+    masks = BoxMaskGenerator(cfg.method.n_boxes)
+    cfg.method.max_pairs = None  # every pair: the loss is a function of the regions alone
+    model.eval()
+
+    def loss_sc(confidence, only):
+        cfg.method.confidence, cfg.method.sc_confident_only = confidence, only
+        _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
+                                mask_generator=masks, generator=torch.Generator().manual_seed(3))
+        return float(terms["loss_sc"])
+
+    # by hand: the same owner map and maps, with the pixels under the threshold given owner -1
+    owner = masks(unlabeled.shape[0], *unlabeled.shape[-2:], torch.Generator().manual_seed(3), device=unlabeled.device)
+    with torch.no_grad():
+        probs = teacher.teacher(unlabeled).float().softmax(1)
+        target = mix(probs, probs.roll(1, 0), owner)
+        student = model(mix(unlabeled, unlabeled.roll(1, 0), owner)).float().softmax(1)
+    threshold = float(target.amax(1).median())
+    kept = owner.masked_fill(target.amax(1) <= threshold, -1)
+    by_hand = structured_consistency_loss(student, target, kept, n_boxes=cfg.method.n_boxes,
+                                          last_boxes=cfg.method.last_boxes, max_pairs=None)
+    assert loss_sc(threshold, True) == pytest.approx(float(by_hand), rel=1e-5)
+    assert loss_sc(threshold, False) == pytest.approx(loss_sc(None, False))  # the mask alone leaves L_sc as it is
+    assert loss_sc(threshold, True) != pytest.approx(loss_sc(threshold, False))
+    with pytest.raises(ConfigError, match="method.sc_confident_only"):
+        load_config(None, ["method.sc_confident_only=true"])
 
 
 def test_dry_run_builds_everything_and_runs_one_step(tmp_path: Path) -> None:

@@ -153,6 +153,7 @@ class MethodConfig:
     rampup_iters: int = 0  # sigmoid ramp-up of the unlabeled weight (0 = none, as in the paper)
     unlabeled_start: int = 0  # supervised warm-up steps before the unlabeled terms start (their unlabeled batches are skipped, not loaded)
     confidence: Optional[float] = None  # L_c only where the teacher's top probability exceeds this (None: everywhere, as the paper)
+    sc_confident_only: bool = False  # L_sc only among the pixels that mask keeps (False: every box pixel, as the paper)
 
 
 @dataclass
@@ -410,6 +411,8 @@ def _validate_method(m: MethodConfig) -> None:
     _check(m.unlabeled_start >= 0, "method.unlabeled_start", ">= 0", m.unlabeled_start)
     _check(m.confidence is None or 0 <= m.confidence < 1, "method.confidence",
            "None or a probability in [0, 1) (the teacher's top probability must exceed it)", m.confidence)
+    _check(not m.sc_confident_only or m.confidence is not None, "method.sc_confident_only",
+           "false while method.confidence is null (there is no mask to apply)", m.sc_confident_only)
 
 
 def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:

@@ -83,10 +83,12 @@ def compute_loss(
     loss = loss_x + weight * method.lambda_c * loss_c
     terms = {"loss_x": loss_x.detach(), "loss_c": loss_c.detach()}
     if method.name == "scl":
+        # a pixel the mask leaves out belongs to no region (owner -1), so it forms no pair
+        regions = owner.masked_fill(~confident, -1) if method.sc_confident_only else owner
         loss_sc = structured_consistency_loss(
             probs_s,
             target,
-            owner,
+            regions,
             n_boxes=method.n_boxes,
             last_boxes=method.last_boxes,
             max_pairs=method.max_pairs,
