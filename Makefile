@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench digits-encoder clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sclseg demo --out runs/demo
+
+# Rebuild the digits default's pre-trained encoder (about 2 minutes on one core).
+digits-encoder: $(STAMP)
+	$(BIN)/python -m sclseg.digits_encoder --out src/sclseg/weights/compact16_digit_crops.pt
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_losses.py --out runs/bench_losses.json

@@ -42,7 +42,8 @@ def _folder(root: Path, n: int = 2) -> Path:
 def _train_folder(root: Path, out: Path, *extra: str) -> int:
     return main(["train", "digits/default", "--out", str(out), "data.name=folder", f"data.root={root}",
                  "data.folder.classes=[bg,fg]", "data.crop_size=[16,16]", "data.batch_size=2", "method.name=supervised",
-                 "model.width=8", "train.iterations=2", "train.threads=1", "train.eval_interval=100", *extra])
+                 "model.width=8", "model.pretrained=null", "train.iterations=2", "train.threads=1",
+                 "train.eval_interval=100", *extra])
 
 
 def test_the_tiny_folder_dataset_trains(tmp_path) -> None:

@@ -16,6 +16,7 @@ TINY = [
     "data.batch_size=4",
     "data.unlabeled_batch_size=4",
     "model.width=8",
+    "model.pretrained=null",  # the packaged encoder has width 16
     "train.threads=1",
     "data.num_workers=0",  # the packaged config's worker per stream only costs start-up time here
     "method.rampup_iters=0",

@@ -1,4 +1,4 @@
-"""A compact residual encoder that trains from scratch on 2 CPU cores (the embedded default)."""
+"""A compact residual encoder small enough to train on 2 CPU cores (the embedded default)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,9 @@ How a model's keys relate to the files published for it is one :class:`WeightLay
 (``register_layout``) whose ``rename`` maps that file's key names onto the model's own and whose
 ``containers`` say where the file keeps its tensors. Every file is read with
 :func:`sclseg.serialization.safe_load` (``weights_only=True`` plus exactly the NumPy scalar types
-published checkpoints hold); nothing is ever downloaded.
+published checkpoints hold); nothing is ever downloaded. A path ``sclseg:NAME`` names a file
+shipped inside the package (``sclseg:weights/compact16_digit_crops.pt``, see
+:mod:`sclseg.digits_encoder`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ __all__ = [
     "LAYOUTS",
     "register_layout",
     "layout_for",
+    "PACKAGE_SCHEME",
+    "resolve_path",
     "read_file",
     "read_state",
     "load_weights",
@@ -148,13 +152,27 @@ def _strip_module(key: str) -> str:
     return key
 
 
+#: Prefix of a weights path that names a file shipped inside the sclseg package.
+PACKAGE_SCHEME = "sclseg:"
+
+
+def resolve_path(path: Union[str, Path]) -> Path:
+    """The file ``path`` names: ``sclseg:NAME`` is ``NAME`` inside the installed package, any
+    other path is taken as it is (``~`` expanded, relative to the working directory)."""
+    text = str(path)
+    if text.startswith(PACKAGE_SCHEME):
+        return Path(__file__).resolve().parent.parent / text[len(PACKAGE_SCHEME) :]
+    return Path(text).expanduser()
+
+
 def read_file(path: Union[str, Path], *, what: str = "model.pretrained") -> Any:
-    """The contents of the weights file ``path`` (:func:`~sclseg.serialization.safe_load`).
+    """The contents of the weights file ``path`` (:func:`resolve_path`; read with
+    :func:`~sclseg.serialization.safe_load`).
 
     Raises :class:`~sclseg.config.ConfigError` naming ``what`` (the setting or flag that named the
     file) and the file when it is missing, unreadable or unsafe.
     """
-    path = Path(path).expanduser()
+    path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"{what}: weights file not found: {path} (weights are never downloaded)")
     try:
