@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sclseg.config import ConfigError, ModelConfig, load_config, resolve_config_path
-from sclseg.data.digits import _digit_pools
+from sclseg.data.digits import digit_pools
 from sclseg.digits_encoder import PretrainSettings, main, pretrain_encoder, render_digit_crops
 from sclseg.models import create_model
 from sclseg.models.weights import resolve_path
@@ -18,14 +18,14 @@ PACKAGED = "sclseg:weights/compact16_digit_crops.pt"
 
 def test_crops_hold_one_train_pool_digit_each_in_pool_order():
     images, classes = render_digit_crops(2, crop_size=32, digit_scale=(3, 4))
-    _ink, labels = _digit_pools(0)["train"]
+    _ink, labels = digit_pools(0)["train"]
     assert images.shape == (2 * len(labels), 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(classes, torch.from_numpy(np.tile(labels, 2)).long())
 
 
 def test_val_crops_come_from_the_val_pool():
     _images, classes = render_digit_crops(1, crop_size=32, digit_scale=(3, 4), pool="val")
-    assert torch.equal(classes, torch.from_numpy(_digit_pools(0)["val"][1]).long())
+    assert torch.equal(classes, torch.from_numpy(digit_pools(0)["val"][1]).long())
 
 
 def test_pretraining_learns_and_its_encoder_loads_into_the_compact_model(tmp_path):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sclseg.data.digits import _digit_pools, _render_scene
+from sclseg.data.digits import digit_pools, render_scene
 from sclseg.models.compact import CompactEncoder
 from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD
 
@@ -59,15 +59,15 @@ def render_digit_crops(
 ) -> tuple[Tensor, Tensor]:
     """Crops of one digit each from ``pool``: uint8 images ``(N, 3, S, S)`` and digit classes ``(N,)`` in 0..9.
 
-    ``N = renders_per_digit x`` the pool's size; each crop is one scene of ``_render_scene`` with
+    ``N = renders_per_digit x`` the pool's size; each crop is one scene of ``render_scene`` with
     exactly one digit, so its look is the scenes' look.
     """
-    ink, labels = _digit_pools(data_seed)[pool]
+    ink, labels = digit_pools(data_seed)[pool]
     rng = np.random.default_rng([seed, crop_size, renders_per_digit])
     images, classes = [], []
     for _ in range(renders_per_digit):
         for k in range(len(ink)):
-            image, _mask = _render_scene(rng, ink[k : k + 1], labels[k : k + 1], crop_size, (1, 1), digit_scale)
+            image, _mask = render_scene(rng, ink[k : k + 1], labels[k : k + 1], crop_size, (1, 1), digit_scale)
             images.append(image)
             classes.append(int(labels[k]))
     return torch.from_numpy(np.stack(images)), torch.tensor(classes)

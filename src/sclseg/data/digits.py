@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sclseg.data.base import ClassInfo, JointTransform, SegmentationDataset
 
-__all__ = ["DIGIT_CLASSES", "DigitScenes", "DigitScenesSplits", "make_digit_scenes"]
+__all__ = ["DIGIT_CLASSES", "DigitScenes", "DigitScenesSplits", "digit_pools", "make_digit_scenes", "render_scene"]
 
 DIGIT_CLASSES: list[ClassInfo] = [
     ClassInfo("background", (0, 0, 0)),
@@ -58,7 +58,9 @@ class DigitScenesSplits:
     masks: dict[str, Tensor]
 
 
-def _digit_pools(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def digit_pools(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The disjoint train / val / test pools of digit instances: ink ``(N, 8, 8)`` in [0, 1] and
+    digits ``(N,)`` in 0..9 per pool, split by a permutation seeded with ``seed``."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -118,11 +120,13 @@ def _luminance(colour: np.ndarray) -> float:
     return float(0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2])
 
 
-def _render_scene(
+def render_scene(
     rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray, size: int, n_range: tuple[int, int], scales: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One scene: digits placed with little overlap, each in a colour that stands out from the
-    background under it (luminance gap >= ``_MIN_CONTRAST``)."""
+    """One scene: ``n_range`` digits drawn from ``ink``/``labels`` (a pool), upscaled ``scales``
+    times, placed with little overlap, each in a colour that stands out from the background under
+    it (luminance gap >= ``_MIN_CONTRAST``). Returns the uint8 image ``(3, S, S)`` and the label
+    map ``(S, S)`` (``1 + digit`` on strokes, 0 elsewhere)."""
     image = _background(rng, size)
     mask = np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.integers(n_range[0], n_range[1] + 1)):
@@ -164,7 +168,7 @@ def make_digit_scenes(
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}, {max_digits}")
     if 8 * digit_scale[0] > image_size:
         raise ValueError(f"digit_scale {digit_scale} draws digits larger than image_size {image_size}")
-    pools = _digit_pools(seed)
+    pools = digit_pools(seed)
     images, masks = {}, {}
     for offset, (split, count) in enumerate(sorted(counts.items())):
         if split not in pools:
@@ -172,7 +176,7 @@ def make_digit_scenes(
         rng = np.random.default_rng([seed, offset, count])
         ink, labels = pools[split]
         rendered = [
-            _render_scene(rng, ink, labels, image_size, (min_digits, max_digits), digit_scale) for _ in range(count)
+            render_scene(rng, ink, labels, image_size, (min_digits, max_digits), digit_scale) for _ in range(count)
         ]
         images[split] = torch.from_numpy(np.stack([r[0] for r in rendered])) if rendered else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
         masks[split] = torch.from_numpy(np.stack([r[1] for r in rendered])) if rendered else torch.zeros(0, image_size, image_size, dtype=torch.uint8)
