@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from bench_losses import CpuLoad, write_json, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync
+from bench_losses import CpuLoad, chosen_device, write_json, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync
 from sclseg.config import ModelConfig
 from sclseg.engine.step import AMP_DTYPES
 from sclseg.engine.inference import predict_probs, tile_starts
@@ -101,11 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1:
         parser.error("need --repeats >= 1, --warmup >= 0, --batch >= 1")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(parser, args.device, args.threads)
     height, width = args.size
     tile = args.tile or (max(1, height // 2), max(1, width // 2))
     modes_all = {

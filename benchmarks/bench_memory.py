@@ -48,7 +48,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop
 
 import torch
 
-from bench_losses import CpuLoad, cpu_allocation_peaks, fmt_bytes, machine_info, sync, write_json
+from bench_losses import CpuLoad, chosen_device, cpu_allocation_peaks, fmt_bytes, machine_info, sync, write_json
 from bench_step import synthetic_data
 from sclseg.config import load_config, resolve_config_path
 from sclseg.engine.step import train_step
@@ -217,11 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error("need --warmup >= 1 and --steps >= 0")
     if any(h < 16 or w < 16 for h, w in args.crop):
         parser.error("--crop: H and W must be >= 16")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = chosen_device(parser, args.device, args.threads)
     info = machine_info(device)
     print(f"device {info['device_name']} ({device.type}), torch {info['torch']}, {torch.get_num_threads()} threads",
           flush=True)
