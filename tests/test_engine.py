@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from sclseg.cutmix import BoxMaskGenerator, mix
 from sclseg.data import build_data
 from sclseg.data.digits import DIGIT_CLASSES
 from sclseg.engine.optim import build_optimizer
-from sclseg.engine.step import compute_loss, unlabeled_weight
+from sclseg.engine.step import compute_loss, train_step, unlabeled_weight
 from sclseg.losses import structured_consistency_loss
 from sclseg.metrics import ConfusionMatrix
 from sclseg.models import create_model
@@ -304,3 +305,34 @@ def test_pair_sampling_reaches_the_structured_loss() -> None:
     assert pairs > 0 and pixels > 0 and pairs != pixels  # the two estimators draw differently
     with pytest.raises(ConfigError, match="method.pair_sampling"):
         load_config(None, ["method.pair_sampling=boxes"])
+
+
+def test_student_as_teacher_trains_as_a_zero_decay_ema_and_keeps_the_ema_for_evaluation() -> None:
+    """``method.teacher: student`` guesses labels with the student in eval mode; the student it
+    trains is, bit for bit, the one an EMA of decay 0 (an exact copy) trains, and the EMA of the
+    configured decay is still kept, apart from it."""
+    cfg, model, images, labels, unlabeled = _tiny_setup("scl")
+    batch, ubatch = {"image": images, "mask": labels}, {"image": unlabeled}
+
+    def train(teacher: str, decay: float) -> tuple[torch.nn.Module, MeanTeacher]:
+        cfg.method.teacher = teacher
+        student = copy.deepcopy(model)
+        mean_teacher = MeanTeacher(student, decay)
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        masks, generator = BoxMaskGenerator(cfg.method.n_boxes), torch.Generator().manual_seed(5)
+        torch.manual_seed(0)  # the decoder's dropout draws from the global generator
+        for _ in range(3):
+            train_step(student, mean_teacher, optimizer, scheduler, [batch], [ubatch], method=cfg.method,
+                       mask_generator=masks, generator=generator)
+        assert student.training  # the teacher's eval-mode pass leaves the student in train mode
+        return student, mean_teacher
+
+    own, kept = train("student", 0.9)
+    copied, _ = train("ema", 0.0)
+    own_state, copied_state = own.state_dict(), copied.state_dict()
+    assert all(torch.equal(own_state[k], copied_state[k]) for k in own_state)
+    ema_state = kept.teacher.state_dict()
+    assert any(not torch.equal(ema_state[k], own_state[k]) for k in own_state if own_state[k].is_floating_point())
+    with pytest.raises(ConfigError, match="method.teacher"):
+        load_config(None, ["method.teacher=previous"])

@@ -149,6 +149,7 @@ class MethodConfig:
     lambda_c: float = 20.0
     lambda_sc: float = 3.0
     ema_decay: float = 0.999
+    teacher: Literal["ema", "student"] = "ema"  # who predicts the guessed labels; "student": the EMA is kept for evaluation only (Table 3)
     relax_window: int = 3  # boundary label relaxation window w (1 = plain CE)
     rampup_iters: int = 0  # sigmoid ramp-up of the unlabeled weight (0 = none, as in the paper)
     unlabeled_start: int = 0  # supervised warm-up steps before the unlabeled terms start (their unlabeled batches are skipped, not loaded)

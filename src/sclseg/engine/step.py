@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import warnings
 from contextlib import nullcontext
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from sclseg.config import MethodConfig
 from sclseg.cutmix import BoxMaskGenerator, mix
 from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss
-from sclseg.teacher import MeanTeacher
+from sclseg.teacher import MeanTeacher, unwrap
 
 __all__ = ["AMP_DTYPES", "compute_loss", "train_step", "unlabeled_weight"]
 
@@ -40,7 +40,7 @@ def unlabeled_weight(method: MethodConfig, iteration: int) -> float:
 
 def compute_loss(
     student: nn.Module,
-    teacher: nn.Module,
+    teacher: Callable[[Tensor], Tensor],
     images: Tensor,
     labels: Tensor,
     unlabeled: Optional[Tensor],
@@ -54,6 +54,8 @@ def compute_loss(
     """The step's loss and its detached terms.
 
     Args:
+        teacher: predicts the guessed labels (called under ``torch.no_grad``): the mean teacher's
+            network, or the student seen in eval mode.
         images: labeled images ``(B, 3, H, W)``; labels ``(B, H, W)``.
         unlabeled: ``(U, 3, H', W')`` with ``U >= 2``, or None for supervised steps.
         weight: the unlabeled weight (ramp-up); 0 skips the unlabeled branch entirely.
@@ -125,6 +127,8 @@ def train_step(
     gradient all-reduce (``no_sync``) on all but the last. ``amp_dtype`` runs the forward
     passes under autocast; the loss and the returned terms are float32 (averaged over the
     micro-batches). ``scaler`` (fp16) scales the loss and skips steps with non-finite gradients.
+    ``method.teacher`` chooses the guessed labels' network: the EMA (``"ema"``) or the student
+    itself in eval mode (``"student"``); the EMA is updated either way, for evaluation.
     """
     micro = list(batches)
     umicro: list[Optional[dict]] = [None] * len(micro) if unlabeled_batches is None else list(unlabeled_batches)
@@ -137,12 +141,13 @@ def train_step(
     device_type = micro[0]["image"].device.type
     no_sync = getattr(student, "no_sync", None)
     totals: dict[str, Tensor] = {}
+    teacher = mean_teacher.teacher if method.teacher == "ema" else _EvalModeView(unwrap(student))
     for index, (labeled, unlabeled) in enumerate(zip(micro, umicro)):
         sync = no_sync() if no_sync is not None and index < count - 1 else nullcontext()
         autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         with sync:
             with autocast:
-                loss, terms = compute_loss(student, mean_teacher.teacher, labeled["image"], labeled["mask"],
+                loss, terms = compute_loss(student, teacher, labeled["image"], labeled["mask"],
                                            None if unlabeled is None else unlabeled["image"], method=method,
                                            mask_generator=mask_generator, generator=generator, weight=weight,
                                            ignore_index=ignore_index)
@@ -159,6 +164,22 @@ def train_step(
     _optimizer_step(optimizer, scheduler, scaler)
     mean_teacher.update(student)
     return totals
+
+
+class _EvalModeView:
+    """The student as its own teacher (``method.teacher: student``): a forward pass in eval mode,
+    so that BatchNorm uses its running statistics as the EMA teacher's does, then back to train
+    mode. ``compute_loss`` calls it under ``torch.no_grad``."""
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def __call__(self, images: Tensor) -> Tensor:
+        self.network.eval()
+        try:
+            return self.network(images)
+        finally:
+            self.network.train()
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
