@@ -247,10 +247,10 @@ class _PairCosine(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor) -> Tensor:  # type: ignore[override]
-        sq_x, sq_y = torch.linalg.vecdot(x, x, dim=1), torch.linalg.vecdot(y, y, dim=1)
+        sq_x, sq_y, dot = _channel_dots(x, y)
         norms = (sq_x * sq_y).sqrt()
         denom = norms.clamp_min(_EPS)
-        cos = torch.linalg.vecdot(x, y, dim=1) / denom
+        cos = dot / denom
         ctx.save_for_backward(x, y, sq_x, sq_y, norms >= _EPS, denom, cos)
         return cos
 
@@ -268,6 +268,21 @@ class _PairCosine(torch.autograd.Function):
             radial = torch.where(unclamped, grad * cos / sq_y, zero).unsqueeze(1)
             grad_y = (x * along).addcmul_(y, radial, value=-1.0)
         return grad_x, grad_y
+
+
+def _channel_dots(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x.x, y.y, x.y)`` over dim 1 of two ``(B, C, *S)`` tensors, each ``(B, *S)``.
+
+    One pass over the channels, accumulating in place: ``torch.linalg.vecdot`` over dim 1 would
+    write a full ``(B, C, *S)`` product for each of the three before reducing it.
+    """
+    xx, yy, xy = x[:, 0] * x[:, 0], y[:, 0] * y[:, 0], x[:, 0] * y[:, 0]
+    for c in range(1, x.shape[1]):
+        xc, yc = x[:, c], y[:, c]
+        xx.addcmul_(xc, xc)
+        yy.addcmul_(yc, yc)
+        xy.addcmul_(xc, yc)
+    return xx, yy, xy
 
 
 def structured_consistency_loss(
