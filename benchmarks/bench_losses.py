@@ -128,7 +128,9 @@ def write_json(path: str, payload: dict) -> None:
 
 def chosen_device(parser, device: str, threads) -> torch.device:
     """The ``--device`` of a benchmark, after ``--threads`` is applied; a parser error when CUDA
-    is asked for and absent."""
+    is asked for and absent, or ``--threads`` is below 1."""
+    if threads is not None and threads < 1:
+        parser.error("--threads must be >= 1")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda requested but CUDA is not available")
     if threads:
@@ -424,8 +426,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.repeats < 1 or args.warmup < 0 or args.batch < 1 or args.classes < 2:
         parser.error("need --repeats >= 1, --warmup >= 0, --batch >= 1, --classes >= 2")
 
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be >= 1")
     device = chosen_device(parser, args.device, args.threads)
     if args.dense_budget_gb is not None:
         dense_budget = int(args.dense_budget_gb * 1024**3)

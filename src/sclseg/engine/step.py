@@ -168,18 +168,19 @@ def train_step(
 
 class _EvalModeView:
     """The student as its own teacher (``method.teacher: student``): a forward pass in eval mode,
-    so that BatchNorm uses its running statistics as the EMA teacher's does, then back to train
-    mode. ``compute_loss`` calls it under ``torch.no_grad``."""
+    so that BatchNorm uses its running statistics as the EMA teacher's does, then back to the mode
+    it was in. ``compute_loss`` calls it under ``torch.no_grad``."""
 
     def __init__(self, network: nn.Module) -> None:
         self.network = network
 
     def __call__(self, images: Tensor) -> Tensor:
+        training = self.network.training
         self.network.eval()
         try:
             return self.network(images)
         finally:
-            self.network.train()
+            self.network.train(training)
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
