@@ -293,10 +293,11 @@ def test_pair_sampling_reaches_the_structured_loss() -> None:
     teacher = MeanTeacher(model, 0.9)
     cfg.method.max_pairs = 4  # every region larger than 2 pixels is sampled
     masks = BoxMaskGenerator(cfg.method.n_boxes)
-    model.eval()
+    model.train()  # batch statistics: the untrained student's maps differ from its eval-mode copy's
 
     def loss_sc(sampling: str) -> float:
         cfg.method.pair_sampling = sampling
+        torch.manual_seed(0)  # the same dropout for both
         _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
                                 mask_generator=masks, generator=torch.Generator().manual_seed(3))
         return float(terms["loss_sc"])

@@ -28,6 +28,7 @@ import sclseg.engine.trainer as trainer_module
 from sclseg.cli import main
 from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
+from sclseg.data.transforms import PhotometricAugment
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.engine.stream import make_stream
 from sclseg.engine.trainer import Trainer
@@ -160,8 +161,11 @@ def test_every_method_reaches_the_end_of_the_warm_up_in_the_same_state(data, dro
 
 
 def test_streams_give_the_same_batches_with_and_without_workers_and_after_resuming(data) -> None:
+    photometric = PhotometricAugment(0.3, 0.5, 5)
+
     def batches(num_workers: int, start: int, count: int, batch_size: int = 4, **kw):
-        stream = make_stream(data.unlabeled, batch_size, seed=5, start_batch=start, num_workers=num_workers, **kw)
+        stream = make_stream(data.unlabeled, batch_size, seed=5, start_batch=start, num_workers=num_workers,
+                             photometric=photometric, **kw)
         try:
             return [next(stream) for _ in range(count)]
         finally:
@@ -173,14 +177,17 @@ def test_streams_give_the_same_batches_with_and_without_workers_and_after_resumi
             x = plain[start + i]
             assert x["name"] == y["name"], (start, i)
             assert torch.equal(x["image"], y["image"]), (start, i)
+            assert torch.equal(x["photometric"], y["photometric"]), (start, i)
+    assert len({tuple(row.tolist()) for b in plain for row in b["photometric"]}) == 12 * 4  # each sample its own
     # two ranks with batch 2 see exactly the images and augmentations of one process with batch 4
     ranks = [batches(0, 0, 3, 2, rank=r, world_size=2) for r in (0, 1)]
     one = batches(0, 0, 3)
     for k in range(3):
-        merged = {n: img for r in (0, 1) for n, img in zip(ranks[r][k]["name"], ranks[r][k]["image"])}
+        merged = {n: (img, row) for r in (0, 1)
+                  for n, img, row in zip(ranks[r][k]["name"], ranks[r][k]["image"], ranks[r][k]["photometric"])}
         assert sorted(merged) == sorted(one[k]["name"])
-        for name, image in zip(one[k]["name"], one[k]["image"]):
-            assert torch.equal(merged[name], image)
+        for name, image, row in zip(one[k]["name"], one[k]["image"], one[k]["photometric"]):
+            assert torch.equal(merged[name][0], image) and torch.equal(merged[name][1], row)
 
 
 def test_keeps_the_last_k_checkpoints_and_the_best(data, tmp_path) -> None:

@@ -18,7 +18,7 @@ TINY = [
     "model.width=8",
     "model.pretrained=null",  # the packaged encoder has width 16
     "train.threads=1",
-    "data.num_workers=0",  # the packaged config's worker per stream only costs start-up time here
+    "data.num_workers=0",
     "method.rampup_iters=0",
     "method.unlabeled_start=0",
 ]

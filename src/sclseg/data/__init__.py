@@ -7,8 +7,8 @@ import numpy as np
 from sclseg.config import Config
 from sclseg.data.base import ClassInfo, SegmentationDataset, palette_array
 from sclseg.data.bundle import DataBundle, training_view
+from sclseg.data.class_uniform import TrainingView
 from sclseg.data.digits import DIGIT_CLASSES, DigitScenes, make_digit_scenes
-from sclseg.data.transforms import TrainTransform
 
 __all__ = [
     "ClassInfo",
@@ -31,18 +31,13 @@ def _digits(cfg: Config) -> DataBundle:
         seed=d.seed,
     )
     order = np.random.default_rng([d.seed, 1]).permutation(d.n_train)
-    transform = TrainTransform(
-        cfg.data.crop_size,
-        base_size=d.image_size,
-        scale_range=cfg.data.scale_range,
-        hflip=cfg.data.hflip,
-        color_jitter=cfg.data.color_jitter,
-        blur_prob=cfg.data.blur_prob,
-        ignore_index=cfg.data.ignore_index,
-    )
     train_images, train_masks = scenes.images["train"], scenes.masks["train"]
-    labeled = DigitScenes(train_images, train_masks, order[: d.n_labeled], transform=transform)
-    unlabeled = DigitScenes(train_images, train_masks, order[d.n_labeled :], labeled=False, transform=transform)
+
+    def view(pool: DigitScenes) -> TrainingView:
+        return TrainingView(pool, crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range, hflip=cfg.data.hflip)
+
+    labeled = view(DigitScenes(train_images, train_masks, order[: d.n_labeled]))
+    unlabeled = view(DigitScenes(train_images, train_masks, order[d.n_labeled :], labeled=False))
     evals = {s: DigitScenes(scenes.images[s], scenes.masks[s], split=s) for s in ("val", "test")}
     return DataBundle(labeled, unlabeled if len(unlabeled) else None, evals, DIGIT_CLASSES, DigitScenes.ignore_index)
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from sclseg.config import Config, ConfigError
 from sclseg.data.base import ClassInfo, SegmentationDataset
-from sclseg.data.class_uniform import TrainingView, class_centroids, make_tail_transform
+from sclseg.data.class_uniform import TrainingView, class_centroids
 
 __all__ = ["DataBundle", "training_view"]
 
@@ -31,8 +31,8 @@ class DataBundle:
 def training_view(cfg: Config, dataset: SegmentationDataset, *, class_uniform: bool = True) -> SegmentationDataset:
     """Training samples of a file-backed dataset: random scale relative to each image, crop with
     ignore padding (class-uniform for ``data.class_uniform.fraction`` of labeled crops when
-    enabled and ``class_uniform``), then the standard :class:`TrainTransform`'s flip, colour
-    jitter and blur.
+    enabled and ``class_uniform``), then the flip of ``data.hflip``. Colour jitter and blur are
+    applied to whole batches by the trainer (:func:`sclseg.data.transforms.build_photometric`).
     """
     d, cu = cfg.data, cfg.data.class_uniform
     centroids = None
@@ -40,10 +40,8 @@ def training_view(cfg: Config, dataset: SegmentationDataset, *, class_uniform: b
     if use_cu:
         cache_dir = Path(cu.cache_dir).expanduser() if cu.cache_dir else Path(d.root).expanduser() / ".sclseg_cache"
         centroids = class_centroids(dataset, tile_size=cu.tile_size, cache_dir=cache_dir, num_workers=d.num_workers)
-    tail = make_tail_transform(d.crop_size, hflip=d.hflip, color_jitter=d.color_jitter, blur_prob=d.blur_prob,
-                               ignore_index=d.ignore_index)
     try:
-        return TrainingView(dataset, crop_size=d.crop_size, scale_range=d.scale_range, tail=tail, centroids=centroids,
+        return TrainingView(dataset, crop_size=d.crop_size, scale_range=d.scale_range, hflip=d.hflip, centroids=centroids,
                             fraction=cu.fraction if use_cu else 0.0)
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from None

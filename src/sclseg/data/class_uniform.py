@@ -20,11 +20,11 @@ Centroid lists are computed once per labeled file list and cached (``.npz``, key
 label files' paths relative to the dataset root and their sizes, the tile size and the number
 of classes), by default in ``<dataset root>/.sclseg_cache``.
 
-:class:`TrainingView` applies it all: it wraps a :class:`SegmentationDataset`, does the scale
-and crop itself (the crop window is cut from the original image first and only the window is
-resampled, which is cheap on 2048x1024 images), then hands the crop to the standard
-:class:`~sclseg.data.transforms.TrainTransform` with an identity scale and crop for flip,
-colour jitter and blur. Image and label go through the same geometric operations.
+:class:`TrainingView` applies it all: it wraps a :class:`SegmentationDataset` and does the
+scale, crop and optional horizontal flip of every training crop (the crop window is cut from
+the original image first and only the window is resampled, which is cheap on 2048x1024 images).
+Image and label go through the same geometric operations. Colour jitter and blur come later,
+on the whole batch (:mod:`sclseg.data.transforms`).
 """
 
 from __future__ import annotations
@@ -45,15 +45,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from sclseg.data.base import JointTransform, Sample, SegmentationDataset
-from sclseg.data.transforms import TrainTransform
+from sclseg.data.base import Sample, SegmentationDataset
 
 __all__ = [
     "Centroids",
     "TrainingView",
     "centroid_cache_key",
     "class_centroids",
-    "make_tail_transform",
     "scale_crop",
     "tile_centroids",
 ]
@@ -247,21 +245,6 @@ def scale_crop(
     return win, out_mask
 
 
-def make_tail_transform(
-    crop_size: Sequence[int], *, hflip: bool, color_jitter: float, blur_prob: float, ignore_index: int = 255
-) -> TrainTransform:
-    """The standard :class:`TrainTransform` with an identity scale and crop: flip, jitter, blur."""
-    return TrainTransform(
-        crop_size,
-        base_size=min(int(c) for c in crop_size),
-        scale_range=(1.0, 1.0),
-        hflip=hflip,
-        color_jitter=color_jitter,
-        blur_prob=blur_prob,
-        ignore_index=ignore_index,
-    )
-
-
 class TrainingView(SegmentationDataset):
     """Augmented training samples of ``base`` (whose own ``transform`` is not used).
 
@@ -269,8 +252,8 @@ class TrainingView(SegmentationDataset):
     uniform in ``scale_range``; for a labeled view with ``centroids``, with probability
     ``fraction`` a class-centred crop (class uniform among the classes with centroids, then a
     centroid uniform; the image is the centroid's, not ``index``'s), else a random crop of
-    ``index``; then ``tail`` (flip, colour jitter, blur). The centroid lies at a random position in
-    its crop (see :func:`scale_crop`).
+    ``index``; then, with ``hflip``, a horizontal flip with probability 0.5. The centroid lies at a
+    random position in its crop (see :func:`scale_crop`).
     """
 
     def __init__(
@@ -279,11 +262,11 @@ class TrainingView(SegmentationDataset):
         *,
         crop_size: Sequence[int],
         scale_range: Sequence[float] = (0.5, 2.0),
-        tail: Optional[JointTransform] = None,
+        hflip: bool = False,
         centroids: Optional[Centroids] = None,
         fraction: float = 0.0,
     ) -> None:
-        super().__init__(labeled=base.labeled, transform=tail)
+        super().__init__(labeled=base.labeled)
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"class-uniform fraction must be in [0, 1], got {fraction}")
         lo, hi = float(scale_range[0]), float(scale_range[1])
@@ -294,6 +277,7 @@ class TrainingView(SegmentationDataset):
         self.ignore_index = base.ignore_index
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.scale_range = (lo, hi)
+        self.hflip = hflip
         self.centroids = {c: np.asarray(v) for c, v in (centroids or {}).items() if len(v)}
         self.centroid_classes = sorted(self.centroids)
         self.fraction = fraction if self.centroid_classes and base.labeled else 0.0
@@ -321,8 +305,9 @@ class TrainingView(SegmentationDataset):
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * float(torch.rand(()))
         image, mask = scale_crop(image, mask, self.crop_size, scale, center=center, ignore_index=self.ignore_index)
-        if self.transform is not None:
-            image, mask = self.transform(image.contiguous(), None if mask is None else mask.contiguous())
+        if self.hflip and float(torch.rand(())) < 0.5:
+            image, mask = image.flip(-1), None if mask is None else mask.flip(-1)
+        image, mask = image.contiguous(), None if mask is None else mask.contiguous()
         sample: Sample = {"image": image, "name": name}
         if mask is not None:
             sample["mask"] = mask.long()

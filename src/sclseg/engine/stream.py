@@ -4,7 +4,9 @@ Each stream walks seeded permutations of its dataset, epoch after epoch. Positio
 epoch ``e`` (``g`` counts over all ranks together) holds sample ``perm_e[g]`` augmented under
 its own seed ``f(stream seed, e, g)``. Rank ``r`` of ``W`` takes positions ``r, r + W, ...``,
 so with per-rank batch ``b`` the union of the ranks' ``k``-th batches is the ``k``-th batch of
-one process with batch ``W * b``: same images, same augmentations. The batch at step ``k`` is a
+one process with batch ``W * b``: same images, same augmentations. The per-sample seed draws the
+geometry (in the dataset) and the photometric parameters (a row of ``batch["photometric"]``),
+which :func:`batch_to_device` applies to the whole batch on the training device. The batch at step ``k`` is a
 pure function of the seed, ``k``, ``b`` and ``W``: it does not depend on the number of data
 workers, and a resumed run continues exactly where the stopped one was.
 
@@ -20,6 +22,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from sclseg.data.transforms import PhotometricAugment
 
 __all__ = ["StreamSampler", "SeededAugmentation", "Stream", "batch_to_device", "make_stream", "sample_seed"]
 
@@ -76,11 +80,13 @@ class SeededAugmentation(Dataset):
 
     The torch, NumPy and Python RNGs are all seeded from ``seed`` for the duration of the call
     and restored afterwards, so the caller's random state is left untouched and the result
-    does not depend on the process (main or worker) that loads the sample.
+    does not depend on the process (main or worker) that loads the sample. With
+    ``photometric``, the sample also carries its photometric parameters (``"photometric"``,
+    drawn after the dataset's own augmentation).
     """
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, photometric: Optional[PhotometricAugment] = None) -> None:
+        self.dataset, self.photometric = dataset, photometric
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -93,7 +99,10 @@ class SeededAugmentation(Dataset):
                 torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding
                 random.seed(seed)
                 np.random.seed(seed % (1 << 32))
-                return self.dataset[index]
+                sample = self.dataset[index]
+                if self.photometric is not None:
+                    sample["photometric"] = self.photometric.draw()
+                return sample
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
@@ -101,8 +110,9 @@ class SeededAugmentation(Dataset):
 
 def _collate(samples: list[dict]) -> dict:
     batch = {"image": torch.stack([s["image"] for s in samples]), "name": [s["name"] for s in samples]}
-    if "mask" in samples[0]:
-        batch["mask"] = torch.stack([s["mask"] for s in samples])
+    for key in ("mask", "photometric"):
+        if key in samples[0]:
+            batch[key] = torch.stack([s[key] for s in samples])
     return batch
 
 
@@ -173,9 +183,11 @@ def make_stream(
     start_batch: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    photometric: Optional[PhotometricAugment] = None,
     name: str = "dataset",
 ) -> Stream:
-    """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "name": [...]}``.
+    """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "photometric": (B,6)?,
+    "name": [...]}`` (``photometric``: each sample's parameters for :func:`batch_to_device`).
 
     ``start_batch`` batches of this rank are skipped (already consumed by a resumed run).
     Building the stream does not touch the global RNGs.
@@ -185,7 +197,7 @@ def make_stream(
     sampler = StreamSampler(len(dataset), seed=seed, rank=rank, world_size=world_size, start=start_batch * batch_size,
                             name=name)
     loader = DataLoader(
-        SeededAugmentation(dataset),
+        SeededAugmentation(dataset, photometric),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -199,13 +211,15 @@ def make_stream(
     return Stream(loader, name=name, start_batch=start_batch)
 
 
-def batch_to_device(batch: dict, device: torch.device, *, channels_last: bool = False) -> dict:
-    """A stream batch with its tensors on ``device`` (images channels-last on request)."""
-    out = {}
-    for key, value in batch.items():
-        if torch.is_tensor(value):
-            value = value.to(device, non_blocking=True)
-            if key == "image" and channels_last and value.dim() == 4:
-                value = value.contiguous(memory_format=torch.channels_last)
-        out[key] = value
+def batch_to_device(batch: dict, device: torch.device, *, photometric: Optional[PhotometricAugment] = None,
+                    channels_last: bool = False) -> dict:
+    """A stream batch with its tensors on ``device``, as the training step takes it: the images
+    augmented by ``photometric`` with the batch's own parameter rows (which it then no longer
+    carries), then channels-last on request."""
+    out = {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+           for key, value in batch.items() if key != "photometric"}
+    if photometric is not None and "photometric" in batch:
+        out["image"] = photometric(out["image"], batch["photometric"].to(device, non_blocking=True))
+    if channels_last and out["image"].dim() == 4:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out

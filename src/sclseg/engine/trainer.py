@@ -28,6 +28,7 @@ from torch import nn
 from sclseg.config import Config, ConfigError
 from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import DataBundle, build_data
+from sclseg.data.transforms import build_photometric
 from sclseg.engine import distributed as dist
 from sclseg.engine.checkpoint import latest_checkpoint, load_checkpoint
 from sclseg.engine.checkpointer import Checkpointer, TrainState
@@ -82,6 +83,7 @@ class Trainer:
         self.evaluator = Evaluator(cfg.eval, self.data.eval_splits, self.device, max_images=eval_images)
         self.student, self.mean_teacher = self._build_networks(load_pretrained=resume_path is None)
         self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, t.iterations)
+        self.photometric = build_photometric(cfg.data)  # colour jitter and blur, per batch on the device
         self.mask_generator = BoxMaskGenerator(cfg.method.n_boxes, cfg.method.box_area)
         self.generator = seed_process(t.seed, self.rank, self.device)  # CutMix boxes, SCL pairs
         self.amp_dtype = AMP_DTYPES[t.amp]
@@ -150,7 +152,7 @@ class Trainer:
         return make_stream(dataset, batch_size, seed=stream_seed(self.cfg.train.seed, role),
                            start_batch=self.state.stream_position(role, self.cfg.train.grad_accum), name=role,
                            rank=self.rank, world_size=self.world, num_workers=d.num_workers,
-                           pin_memory=self.device.type == "cuda")
+                           pin_memory=self.device.type == "cuda", photometric=self.photometric)
 
     # ------------------------------------------------------------------ pieces the loop calls
     def step(self, streams: dict[str, Optional[Stream]]) -> tuple[dict, float, float]:
@@ -177,7 +179,8 @@ class Trainer:
 
     def _next_batches(self, stream: Stream) -> list[dict]:
         """The ``grad_accum`` micro-batches of one step, on the device."""
-        return [batch_to_device(next(stream), self.device, channels_last=self.cfg.train.channels_last)
+        return [batch_to_device(next(stream), self.device, photometric=self.photometric,
+                                channels_last=self.cfg.train.channels_last)
                 for _ in range(self.cfg.train.grad_accum)]
 
     def _check_finite(self, watch: NonFiniteWatch) -> None:
