@@ -10,7 +10,8 @@ labeled stream) with ``data.root`` pointing there, half the images labeled and h
 and pulls batches from :func:`sclseg.engine.stream.make_stream` (the trainer's streams) with
 ``num_workers`` in ``--workers``. It reports images/s for the labeled and the unlabeled stream,
 per worker (workers = 0 counts as one: the main process), the one-time class-uniform centroid
-scan, and, in the main process, the decode time and the whole sample time.
+scan, in the main process the decode time and the whole sample time, and the time of the
+batch's colour jitter and blur, which the trainer applies on ``--device`` (not in the workers).
 
 Consumption: a training step takes ``data.batch_size`` labeled and ``data.unlabeled_batch_size``
 unlabeled images; give the step time with ``--step-ms`` or ``--step-json`` (a bench_step.py JSON)
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_losses import CpuLoad, write_json, machine_info
+from bench_losses import CpuLoad, machine_info, sync, write_json
 from sclseg.config import load_config, resolve_config_path
 
 # labelIds of the 19 evaluated Cityscapes classes, and some ignored ids (unlabeled, ego vehicle, ...)
@@ -90,10 +91,10 @@ def make_dataset(root: Path, n_train: int, size: tuple[int, int], seed: int) -> 
             Image.fromarray(label).save(root / "gtFine" / split / CITY / f"{stem}_gtFine_labelIds.png")
 
 
-def time_stream(dataset, batch_size: int, workers: int, batches: int, warmup: int) -> dict:
+def time_stream(dataset, batch_size: int, workers: int, batches: int, warmup: int, photometric) -> dict:
     from sclseg.engine.stream import make_stream
 
-    stream = make_stream(dataset, batch_size, seed=1, num_workers=workers, name="bench")
+    stream = make_stream(dataset, batch_size, seed=1, num_workers=workers, photometric=photometric, name="bench")
     try:
         t0 = time.perf_counter()
         for _ in range(warmup):
@@ -126,6 +127,23 @@ def main_process_costs(view, repeats: int) -> dict:
     return {"decode_ms": statistics.median(decode) * 1e3, "sample_ms": statistics.median(sample) * 1e3}
 
 
+def photometric_costs(view, photometric, batch_size: int, device: torch.device, repeats: int) -> Optional[dict]:
+    """Median ms of the batched colour jitter + blur on ``device`` for one batch of crops."""
+    if photometric is None:
+        return None
+    images = torch.stack([view[i % len(view)]["image"] for i in range(batch_size)]).to(device)
+    rows = torch.stack([photometric.draw(torch.Generator().manual_seed(i)) for i in range(batch_size)]).to(device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        photometric(images, rows)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times[1:]) * 1e3
+    return {"device": device.type, "batch_size": batch_size, "ms_per_batch": ms, "ms_per_image": ms / batch_size}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="cityscapes/scl_wrn38", help="a cityscapes config (its data section is used)")
@@ -139,12 +157,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--step-ms", type=float, default=None, help="training step time to compare with (ms)")
     parser.add_argument("--step-json", default=None, help="bench_step.py JSON whose loop step time to compare with")
     parser.add_argument("--keep", default=None, help="write the synthetic data set here and keep it (default: a temp dir)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the batch's jitter and blur are timed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.crop_size=[512,512]")
     args = parser.parse_args(argv)
     if args.images < 4 or args.batches < 1:
         parser.error("need --images >= 4 and --batches >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -167,6 +188,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.data.name != "cityscapes":
             parser.error(f"--config must be a cityscapes config, got data.name={cfg.data.name}")
         from sclseg.data import build_data
+        from sclseg.data.transforms import build_photometric
 
         d = cfg.data
         config_workers = d.num_workers
@@ -183,14 +205,19 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"{'on' if d.class_uniform.enabled else 'off'} (fraction {d.class_uniform.fraction}); "
               f"build_data incl. centroid scan of {n_labeled} labels: {build_s:.2f} s", flush=True)
         costs = main_process_costs(bundle.labeled, repeats=3)
-        print(f"main process: decode {costs['decode_ms']:.0f} ms, labeled sample (decode + augment) "
+        print(f"main process: decode {costs['decode_ms']:.0f} ms, labeled sample (decode + scale, crop, flip) "
               f"{costs['sample_ms']:.0f} ms", flush=True)
+        photometric = build_photometric(d)
+        jitter = photometric_costs(bundle.labeled, photometric, d.batch_size, torch.device(args.device), repeats=5)
+        if jitter is not None:
+            print(f"colour jitter + blur of a batch of {d.batch_size} on {args.device}: {jitter['ms_per_batch']:.1f} ms "
+                  f"({jitter['ms_per_image']:.1f} ms per image)", flush=True)
 
         streams = {"labeled": (bundle.labeled, d.batch_size), "unlabeled": (bundle.unlabeled, d.unlabeled_batch_size)}
         for workers in args.workers:
             for name, (dataset, batch) in streams.items():
                 warmup = args.warmup if args.warmup is not None else max(1, workers)
-                r = time_stream(dataset, batch, workers, args.batches, warmup)
+                r = time_stream(dataset, batch, workers, args.batches, warmup, photometric)
                 r["stream"] = name
                 r["batch_size"] = batch
                 results.append(r)
@@ -244,6 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "png_bytes": png_bytes,
             "build_data_seconds": build_s,
             "main_process": costs,
+            "photometric_on_device": jitter,
             "results": results,
             "comparison": comparison,
             "total_seconds": elapsed,
