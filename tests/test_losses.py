@@ -476,6 +476,19 @@ def test_group_regions_lists_each_region_in_raster_order():
         assert regions.order[b, start:].tolist() == [p for p in range(35) if owner[b].reshape(-1)[p] < 3]
 
 
+def _reads_per_pixel(owner: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``(B, HW)`` how often region-local indices ``local (B, N, S)`` read each pixel (a loop)."""
+    batch, regions, samples = local.shape
+    flat = owner.reshape(batch, -1)
+    hits = torch.zeros(flat.shape)
+    for b in range(batch):
+        for n in range(regions):
+            pix = [p for p in range(flat.shape[1]) if flat[b, p] == n]
+            for k in range(samples):
+                hits[b, pix[local[b, n, k]]] += 1
+    return hits
+
+
 def test_read_regions_reads_the_region_pixels_and_sums_gradients_into_one_map():
     owner = torch.randint(0, 2, (2, 4, 5), generator=gen(301))
     regions = group_regions(owner, n_boxes=2, last_boxes=2)
@@ -491,13 +504,19 @@ def test_read_regions_reads_the_region_pixels_and_sums_gradients_into_one_map():
                 assert torch.equal(a[b, :, n, k], s[b].reshape(3, -1)[:, pix[first[b, n, k]]])
             assert torch.equal(b2[b, :, n, 0], s[b].reshape(3, -1)[:, pix[0]])
     (a.sum() + 2 * b2.sum()).backward()
-    hits = torch.zeros(2, 20)
-    for b in range(2):
-        for n in range(2):
-            pix = [p for p in range(20) if owner[b].reshape(-1)[p] == n]
-            for k in range(4):
-                hits[b, pix[first[b, n, k]]] += 1
-            hits[b, pix[0]] += 2
+    hits = _reads_per_pixel(owner, first) + 2 * _reads_per_pixel(owner, second)
+    assert torch.equal(s.grad, hits.view(2, 1, 4, 5).expand(2, 3, 4, 5))
+
+
+def test_read_regions_gradient_of_a_part_left_out_of_the_loss_is_zero():
+    owner = torch.randint(0, 2, (2, 4, 5), generator=gen(311))
+    regions = group_regions(owner, n_boxes=2, last_boxes=2)
+    s = probs((2, 3, 4, 5), 312).requires_grad_()
+    first = torch.randint(0, 2, (2, 2, 3), generator=gen(313)).minimum(regions.counts[..., None] - 1)
+    second = torch.randint(0, 2, (2, 2, 3), generator=gen(314)).minimum(regions.counts[..., None] - 1)
+    a, _ = read_regions(s, regions, first, second)  # the second part is read and never used
+    (3.0 * a).sum().backward()
+    hits = 3 * _reads_per_pixel(owner, first)
     assert torch.equal(s.grad, hits.view(2, 1, 4, 5).expand(2, 3, 4, 5))
 
 

@@ -16,10 +16,10 @@ ordered pairs drawn uniformly, independently and with replacement from ``T x T``
 uniformly from ``T`` (``sampling="pixels"``: the same Gram identity on the drawn pixels, about
 200 times fewer pixel reads). Pixels are grouped by region with one sort of the owner map;
 everything else touches only the sampled pixels, in one batched pass over all images and boxes
-and one read of each map.
+and one read of each map, whose gradient is one map.
 
 The pieces, each a function of tensors that can be checked on its own: :func:`group_regions`
-(the sort), :func:`read_regions` (the one read), the pixel choices :func:`exact_slots`,
+(the sort), :func:`read_regions` (the read), the pixel choices :func:`exact_slots`,
 :func:`drawn_slots` and :func:`pair_draws`, and the two estimators on class vectors,
 :func:`gram_region_losses` (all pairs of a set of slots) and :func:`pair_region_losses`
 (listed pairs).
@@ -116,7 +116,7 @@ def group_regions(owner: Tensor, n_boxes: int, last_boxes: int) -> Regions:
 
 
 def read_regions(probs: Tensor, regions: Regions, *local_indices: Tensor) -> list[Tensor]:
-    """Class vectors at region-local pixel indices, in one read of the map.
+    """Class vectors at region-local pixel indices, with one gradient map for all of them.
 
     Args:
         probs: ``(B, C, H, W)``.
@@ -124,16 +124,43 @@ def read_regions(probs: Tensor, regions: Regions, *local_indices: Tensor) -> lis
         local_indices: ``(B, N, S_k)`` indices into each region's pixels; an index at or past
             ``|T|`` (a padding slot) reads some other pixel, for the caller to mask.
     Returns:
-        One ``(B, C, N, S_k)`` float32 tensor per index tensor. They are views of one gather, so
-        that the backward pass scatters into a single gradient map.
+        One ``(B, C, N, S_k)`` float32 tensor per index tensor. The backward pass scatters the
+        gradients of all of them into a single map (:class:`_GatherParts`).
     """
     batch, channels = probs.shape[:2]
     rows = torch.cat([(regions.offsets[..., None] + i).reshape(batch, -1) for i in local_indices], dim=1)
     positions = torch.gather(regions.order, 1, rows.clamp(max=regions.order.shape[1] - 1))
-    index = positions[:, None].expand(batch, channels, -1)
-    pixels = torch.gather(probs.reshape(batch, channels, -1), 2, index).float()
-    parts = pixels.split([i[0].numel() for i in local_indices], dim=2)
-    return [p.view(batch, channels, *i.shape[1:]) for p, i in zip(parts, local_indices)]
+    parts = positions.split([i[0].numel() for i in local_indices], dim=1)
+    pixels = _GatherParts.apply(probs.reshape(batch, channels, -1), *parts)
+    return [p.float().view(batch, channels, *i.shape[1:]) for p, i in zip(pixels, local_indices)]
+
+
+class _GatherParts(torch.autograd.Function):
+    """``(B, C, HW)`` map read at ``(B, S_k)`` flat positions, one ``(B, C, S_k)`` tensor per part.
+
+    Autograd through one gather split into parts would concatenate the parts' gradients (zeros for
+    a part without one) before scattering them; the backward pass here scatters each part's
+    gradient into the one map directly.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: Tensor, *positions: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        batch, channels = flat.shape[:2]
+        ctx.save_for_backward(*positions)
+        ctx.set_materialize_grads(False)  # a part that takes no part in the loss is skipped, not scattered as zeros
+        ctx.map_shape, ctx.map_dtype = flat.shape, flat.dtype
+        return tuple(torch.gather(flat, 2, pos[:, None].expand(batch, channels, -1)) for pos in positions)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
+        positions = ctx.saved_tensors
+        grad_map = None
+        if ctx.needs_input_grad[0]:
+            grad_map = torch.zeros(ctx.map_shape, dtype=ctx.map_dtype, device=positions[0].device)
+            for grad, pos in zip(grads, positions):
+                if grad is not None:
+                    grad_map.scatter_add_(2, pos[:, None].expand_as(grad), grad)
+        return (grad_map, *([None] * len(positions)))
 
 
 def draw_uniform(counts: Tensor, samples: int, generator: Optional[torch.Generator]) -> Tensor:
@@ -354,7 +381,8 @@ def _exact_or_pair_losses(
 ) -> Tensor:
     """Eq. 8 for regions with ``|T|^2 <= max_pairs``, else Eq. 9-10 with ``max_pairs`` pairs: ``(B, N)``.
 
-    Each map is read once, at the exact regions' pixels and both pixels of every pair.
+    Each map is read once, at the exact regions' pixels and both pixels of every pair, into one
+    gradient map.
     """
     counts = regions.counts
     slots = exact_slots(counts, math.isqrt(max_pairs))  # |T|^2 <= max_pairs bounds an exact region's size
