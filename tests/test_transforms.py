@@ -51,7 +51,7 @@ def test_each_adjustment_equals_torchvision_on_every_image_with_its_own_factor(o
     torch.testing.assert_close(ours(x, values), expected, atol=2e-6, rtol=0)
 
 
-def test_a_full_turn_of_hue_and_unit_factors_leave_the_images() -> None:
+def test_a_zero_hue_shift_and_unit_factors_leave_the_images() -> None:
     x = images()
     ones = torch.ones(len(x))
     torch.testing.assert_close(adjust_hue(x, torch.zeros(len(x))), x, atol=2e-6, rtol=0)

@@ -7,7 +7,6 @@ import numpy as np
 from sclseg.config import Config
 from sclseg.data.base import ClassInfo, SegmentationDataset, palette_array
 from sclseg.data.bundle import DataBundle, training_view
-from sclseg.data.class_uniform import TrainingView
 from sclseg.data.digits import DIGIT_CLASSES, DigitScenes, make_digit_scenes
 
 __all__ = [
@@ -32,12 +31,9 @@ def _digits(cfg: Config) -> DataBundle:
     )
     order = np.random.default_rng([d.seed, 1]).permutation(d.n_train)
     train_images, train_masks = scenes.images["train"], scenes.masks["train"]
-
-    def view(pool: DigitScenes) -> TrainingView:
-        return TrainingView(pool, crop_size=cfg.data.crop_size, scale_range=cfg.data.scale_range, hflip=cfg.data.hflip)
-
-    labeled = view(DigitScenes(train_images, train_masks, order[: d.n_labeled]))
-    unlabeled = view(DigitScenes(train_images, train_masks, order[d.n_labeled :], labeled=False))
+    labeled = training_view(cfg, DigitScenes(train_images, train_masks, order[: d.n_labeled]), class_uniform=False)
+    unlabeled = training_view(cfg, DigitScenes(train_images, train_masks, order[d.n_labeled :], labeled=False),
+                              class_uniform=False)
     evals = {s: DigitScenes(scenes.images[s], scenes.masks[s], split=s) for s in ("val", "test")}
     return DataBundle(labeled, unlabeled if len(unlabeled) else None, evals, DIGIT_CLASSES, DigitScenes.ignore_index)
 

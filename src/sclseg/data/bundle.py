@@ -29,7 +29,7 @@ class DataBundle:
 
 
 def training_view(cfg: Config, dataset: SegmentationDataset, *, class_uniform: bool = True) -> SegmentationDataset:
-    """Training samples of a file-backed dataset: random scale relative to each image, crop with
+    """Training samples of ``dataset``: random scale relative to each image, crop with
     ignore padding (class-uniform for ``data.class_uniform.fraction`` of labeled crops when
     enabled and ``class_uniform``), then the flip of ``data.hflip``. Colour jitter and blur are
     applied to whole batches by the trainer (:func:`sclseg.data.transforms.build_photometric`).
