@@ -198,7 +198,8 @@ def _figures(record: dict) -> str:
         return ""
     name = record["name"]
     if name.startswith("bench_step"):
-        return f"overhead_ratio {r['overhead_ratio']:.3f}, loop step {r['loop_step_ms']:.1f} ms"
+        return (f"overhead_ratio {r['overhead_ratio']:.3f}, loop step {r['loop_step_ms']:.1f} ms, "
+                f"train_step {r['train_step_ms']['median']:.1f} ms, network passes {r['network_pass_ms']:.1f} ms")
     if name == "train_steps":
         ok = sum(row["status"] == "ok" for row in r["runs"])
         return f"{ok}/{len(r['runs'])} model x precision runs ok"

@@ -10,6 +10,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from sclseg.config import load_config, resolve_config_path
+from sclseg.data import build_data
 from sclseg.data.transforms import (
     PARAMS,
     PhotometricAugment,
@@ -21,7 +22,8 @@ from sclseg.data.transforms import (
     build_photometric,
     gaussian_blur,
 )
-from sclseg.engine.stream import batch_to_device
+from sclseg.engine.seeding import stream_seed
+from sclseg.engine.stream import batch_to_device, make_stream
 from sclseg.engine.trainer import Trainer
 from tiny_config import TINY
 
@@ -140,7 +142,9 @@ def test_the_config_builds_it_and_the_trainer_applies_it_to_every_batch(tmp_path
     assert torch.equal(batch_to_device(batch, torch.device("cpu"))["image"], x)  # without it: as loaded
 
     trainer = Trainer(load_config(resolve_config_path("digits/default"), TINY), tmp_path / "run", show_progress=False)
-    stream, twin = trainer._stream("labeled"), trainer._stream("labeled")
+    stream = trainer._stream("labeled")  # a CPU device: the loader augments (augment_in_loader)
+    twin = make_stream(trainer.data.labeled, 4, seed=stream_seed(trainer.cfg.train.seed, "labeled"),
+                       photometric=trainer.photometric)
     try:
         for _ in range(2):
             raw = next(twin)
@@ -151,3 +155,23 @@ def test_the_config_builds_it_and_the_trainer_applies_it_to_every_batch(tmp_path
     finally:
         stream.close()
         twin.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_loader_that_augments_gives_the_batches_that_batch_to_device_augments(num_workers: int) -> None:
+    cfg = load_config(resolve_config_path("digits/default"), TINY)
+    data, augment = build_data(cfg), build_photometric(cfg.data)
+    plain = make_stream(data.unlabeled, 4, seed=3, photometric=augment)
+    loaded = make_stream(data.unlabeled, 4, seed=3, photometric=augment, augment_in_loader=True,
+                         num_workers=num_workers)
+    try:
+        for _ in range(3):
+            expected = batch_to_device(next(plain), torch.device("cpu"), photometric=augment)
+            batch = next(loaded)
+            assert "photometric" not in batch
+            assert torch.equal(batch["image"], expected["image"])
+            assert torch.equal(batch_to_device(batch, torch.device("cpu"), photometric=augment)["image"],
+                               expected["image"])  # a batch without rows is not augmented twice
+    finally:
+        plain.close()
+        loaded.close()

@@ -6,8 +6,8 @@ its own seed ``f(stream seed, e, g)``. Rank ``r`` of ``W`` takes positions ``r, 
 so with per-rank batch ``b`` the union of the ranks' ``k``-th batches is the ``k``-th batch of
 one process with batch ``W * b``: same images, same augmentations. The per-sample seed draws the
 geometry (in the dataset) and the photometric parameters (a row of ``batch["photometric"]``),
-which :func:`batch_to_device` applies to the whole batch on the training device. The batch at step ``k`` is a
-pure function of the seed, ``k``, ``b`` and ``W``: it does not depend on the number of data
+which :func:`batch_to_device` applies to the whole batch on the training device (for a CPU device
+the loader applies them, ``augment_in_loader``). The batch at step ``k`` is a pure function of the seed, ``k``, ``b`` and ``W``: it does not depend on the number of data
 workers, and a resumed run continues exactly where the stopped one was.
 
 An exception raised while loading a sample in a data worker is re-raised in the training
@@ -108,12 +108,21 @@ class SeededAugmentation(Dataset):
             np.random.set_state(np_state)
 
 
-def _collate(samples: list[dict]) -> dict:
-    batch = {"image": torch.stack([s["image"] for s in samples]), "name": [s["name"] for s in samples]}
-    for key in ("mask", "photometric"):
-        if key in samples[0]:
-            batch[key] = torch.stack([s[key] for s in samples])
-    return batch
+class _Collate:
+    """Stacks samples into a batch; with ``photometric``, also augments its images with their
+    parameter rows, which the batch then no longer carries (a picklable callable: workers run it)."""
+
+    def __init__(self, photometric: Optional[PhotometricAugment] = None) -> None:
+        self.photometric = photometric
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = {"image": torch.stack([s["image"] for s in samples]), "name": [s["name"] for s in samples]}
+        for key in ("mask", "photometric"):
+            if key in samples[0]:
+                batch[key] = torch.stack([s[key] for s in samples])
+        if self.photometric is not None:
+            batch["image"] = self.photometric(batch["image"], batch.pop("photometric"))
+        return batch
 
 
 def _original_message(exc: BaseException) -> Optional[str]:
@@ -184,11 +193,15 @@ def make_stream(
     num_workers: int = 0,
     pin_memory: bool = False,
     photometric: Optional[PhotometricAugment] = None,
+    augment_in_loader: bool = False,
     name: str = "dataset",
 ) -> Stream:
     """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "photometric": (B,6)?,
     "name": [...]}`` (``photometric``: each sample's parameters for :func:`batch_to_device`).
 
+    ``augment_in_loader`` applies ``photometric`` to each batch where it is assembled (in the
+    workers, or in this process without them) instead, so that its batches carry augmented images
+    and no rows: the same images, for a CPU training device, whose steps then do not wait for it.
     ``start_batch`` batches of this rank are skipped (already consumed by a resumed run).
     Building the stream does not touch the global RNGs.
     """
@@ -201,7 +214,7 @@ def make_stream(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_Collate(photometric if augment_in_loader else None),
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
         drop_last=True,

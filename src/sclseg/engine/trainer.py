@@ -152,7 +152,8 @@ class Trainer:
         return make_stream(dataset, batch_size, seed=stream_seed(self.cfg.train.seed, role),
                            start_batch=self.state.stream_position(role, self.cfg.train.grad_accum), name=role,
                            rank=self.rank, world_size=self.world, num_workers=d.num_workers,
-                           pin_memory=self.device.type == "cuda", photometric=self.photometric)
+                           pin_memory=self.device.type == "cuda", photometric=self.photometric,
+                           augment_in_loader=self.device.type == "cpu")
 
     # ------------------------------------------------------------------ pieces the loop calls
     def step(self, streams: dict[str, Optional[Stream]]) -> tuple[dict, float, float]:
@@ -171,14 +172,18 @@ class Trainer:
                 streams["unlabeled"] = self._stream("unlabeled")
             unlabeled = self._next_batches(streams["unlabeled"])
         lr = self.optimizer.param_groups[0]["lr"]
-        terms = train_step(self.student, self.mean_teacher, self.optimizer, self.scheduler, labeled, unlabeled,
-                           method=cfg.method, mask_generator=self.mask_generator, generator=self.generator,
-                           weight=weight, ignore_index=self.data.ignore_index, amp_dtype=self.amp_dtype,
-                           scaler=self.scaler)
-        return terms, lr, weight
+        return self.train_on(labeled, unlabeled, weight), lr, weight
+
+    def train_on(self, labeled: list[dict], unlabeled: Optional[list[dict]], weight: float) -> dict:
+        """One optimizer step of the method on given micro-batches (on the device): its detached terms."""
+        return train_step(self.student, self.mean_teacher, self.optimizer, self.scheduler, labeled, unlabeled,
+                          method=self.cfg.method, mask_generator=self.mask_generator, generator=self.generator,
+                          weight=weight, ignore_index=self.data.ignore_index, amp_dtype=self.amp_dtype,
+                          scaler=self.scaler)
 
     def _next_batches(self, stream: Stream) -> list[dict]:
-        """The ``grad_accum`` micro-batches of one step, on the device."""
+        """The ``grad_accum`` micro-batches of one step, on the device, augmented (on a CPU device
+        the streams' loaders have applied the colour jitter and blur: ``augment_in_loader``)."""
         return [batch_to_device(next(stream), self.device, photometric=self.photometric,
                                 channels_last=self.cfg.train.channels_last)
                 for _ in range(self.cfg.train.grad_accum)]
