@@ -52,6 +52,7 @@ from torch import Tensor
 from bench_losses import CpuLoad, fmt_bytes, machine_info, sync, write_json
 from sclseg.config import Config, config_to_dict, load_config, resolve_config_path
 from sclseg.data import ClassInfo, DataBundle, SegmentationDataset
+from sclseg.engine.stream import Stream
 from sclseg.engine.trainer import Trainer
 
 TARGET_RATIO = 1.10
@@ -136,21 +137,26 @@ def network_passes(trainer: Trainer, rounds: int) -> dict[str, list[float]]:
     return {k: v for k, v in times.items() if v}
 
 
+def fresh_streams(trainer: Trainer) -> list[Stream]:
+    """The streams a step reads, opened from this run's position: labeled (and unlabeled)."""
+    roles = ["labeled"] + (["unlabeled"] if trainer.cfg.method.name != "supervised" else [])
+    return [trainer._stream(role) for role in roles]
+
+
 def train_steps(trainer: Trainer, rounds: int) -> list[float]:
     """Synchronised :meth:`Trainer.train_on` at full unlabeled weight on one step's batches."""
-    semi = trainer.cfg.method.name != "supervised"
-    streams = [trainer._stream("labeled")] + ([trainer._stream("unlabeled")] if semi else [])
+    streams = fresh_streams(trainer)
     try:
         batches = [trainer._next_batches(stream) for stream in streams]
     finally:
         for stream in streams:
             stream.close()
-    labeled, unlabeled = batches[0], batches[1] if semi else None
+    labeled, unlabeled = batches[0], batches[1] if len(batches) > 1 else None
     times = []
     for _ in range(rounds):
         sync(trainer.device)
         t0 = time.perf_counter()
-        trainer.train_on(labeled, unlabeled, 1.0 if semi else 0.0)
+        trainer.train_on(labeled, unlabeled, 0.0 if unlabeled is None else 1.0)
         sync(trainer.device)
         times.append(time.perf_counter() - t0)
     return times
@@ -158,8 +164,7 @@ def train_steps(trainer: Trainer, rounds: int) -> list[float]:
 
 def data_fetches(trainer: Trainer, rounds: int) -> list[float]:
     """Synchronised time of one step's batches, fetched as the loop fetches them, from fresh streams."""
-    roles = ["labeled"] + (["unlabeled"] if trainer.cfg.method.name != "supervised" else [])
-    streams = [trainer._stream(role) for role in roles]
+    streams = fresh_streams(trainer)
     times = []
     try:
         for _ in range(rounds):

@@ -142,7 +142,12 @@ def test_the_config_builds_it_and_the_trainer_applies_it_to_every_batch(tmp_path
     assert torch.equal(batch_to_device(batch, torch.device("cpu"))["image"], x)  # without it: as loaded
 
     trainer = Trainer(load_config(resolve_config_path("digits/default"), TINY), tmp_path / "run", show_progress=False)
-    stream = trainer._stream("labeled")  # a CPU device: the loader augments (augment_in_loader)
+    view = trainer._stream("labeled")
+    try:
+        assert "photometric" not in next(view)  # a CPU device: the loader augments (augment_in_loader)
+    finally:
+        view.close()
+    stream = trainer._stream("labeled")
     twin = make_stream(trainer.data.labeled, 4, seed=stream_seed(trainer.cfg.train.seed, "labeled"),
                        photometric=trainer.photometric)
     try:

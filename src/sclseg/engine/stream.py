@@ -7,8 +7,9 @@ so with per-rank batch ``b`` the union of the ranks' ``k``-th batches is the ``k
 one process with batch ``W * b``: same images, same augmentations. The per-sample seed draws the
 geometry (in the dataset) and the photometric parameters (a row of ``batch["photometric"]``),
 which :func:`batch_to_device` applies to the whole batch on the training device (for a CPU device
-the loader applies them, ``augment_in_loader``). The batch at step ``k`` is a pure function of the seed, ``k``, ``b`` and ``W``: it does not depend on the number of data
-workers, and a resumed run continues exactly where the stopped one was.
+the loader applies them, ``augment_in_loader``). The batch at step ``k`` is a pure function of
+the seed, ``k``, ``b`` and ``W``: it does not depend on the number of data workers, and a
+resumed run continues exactly where the stopped one was.
 
 An exception raised while loading a sample in a data worker is re-raised in the training
 process with its own type and message first (the worker's traceback is attached as a note).
