@@ -230,6 +230,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if value is False and "off" in typing.get_args(tp):
+            return "off"  # YAML 1.1 reads a bare `off` (in a file or in key=off) as false
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
