@@ -6,9 +6,12 @@ Stages (each a subprocess with its own time limit; a failed stage is recorded an
 2. ``train_steps``: a few :func:`sclseg.engine.step.train_step` calls of every paper-scale model
    (``sclseg.models.MODEL_NAMES`` without ``compact``) in float32, bfloat16 and float16 with a
    GradScaler, on synthetic Cityscapes-size crops (800x800, 1 labeled + 2 unlabeled): losses
-   finite, weights changed, step time and peak memory (``python gpu_check.py steps``).
+   finite, weights changed, step time and peak memory (``python gpu_check.py steps``). The
+   BatchNorm statistics are first set from one batch (:func:`calibrate_batchnorm`).
 3. ``bench_step_scl`` / ``bench_step_cl``: ``bench_step.py`` at paper scale (WRN38, 800x800,
-   synthetic), ``overhead_ratio`` for each method.
+   synthetic), ``overhead_ratio`` for each method; ``bench_step_scl_1gpu``: the one-GPU recipe
+   (``cityscapes/scl_wrn38_1gpu``: 8 accumulated micro-batches, checkpointing, bf16), whose loop
+   step is the time of one of its iterations.
 4. ``bench_losses``: the losses at 512x1024.
 5. ``bench_memory``: WRN38 at 800x800 for each checkpointing and AMP setting.
 6. ``inference``: whole, tiled and multi-scale+flip tiled inference of WRN38 on 1024x2048 images.
@@ -56,7 +59,7 @@ class Stage:
 def plan(out: Path, smoke: bool) -> list[Stage]:
     """The stages and their sizes: paper scale on a GPU, toy sizes with ``smoke``.
 
-    On a GPU the time limits add up to 570 s, so that the whole check ends within ten minutes.
+    On a GPU the time limits add up to 580 s, so that the whole check ends within ten minutes.
     """
     py = sys.executable
     bench = str(HERE)
@@ -64,12 +67,14 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
     j = lambda name: str(out / name)  # noqa: E731
     if smoke:
         paper, crop, losses, infer = "digits/default", ["32", "32"], "32x64", ["--size", "64x128", "--tile", "32x64"]
+        one_gpu = ["digits/default", "train.grad_accum=2"]
         steps = ["--models", "compact", "--crop", "32", "32", "--steps", "2"]
         iters = ["--iters", "2", "--warmup", "1"]
         inference_model = ["--model", "compact", "--scales", "0.5,1", "--ms-tile", "32x64", "--repeats", "1"]
     else:
         paper, crop, losses, infer = "cityscapes/scl_wrn38", ["800", "800"], "512x1024", ["--size", "1024x2048",
                                                                                           "--tile", "800x800"]
+        one_gpu = ["cityscapes/scl_wrn38_1gpu"]
         steps = ["--crop", "800", "800", "--steps", "3"]
         iters = ["--iters", "10", "--warmup", "3"]
         inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
@@ -78,17 +83,22 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         Stage("cuda_tests", [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p", "no:cacheprovider"],
               80),
         Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out", j("train_steps.json"),
-                              *steps], 170, "train_steps.json"),
+                              *steps], 150, "train_steps.json"),
         *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
-                                    "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 70,
+                                    "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 60,
                 f"bench_step_{m}.json") for m in ("scl", "cl")),
+        Stage("bench_step_scl_1gpu", [py, f"{bench}/bench_step.py", "--config", one_gpu[0], "--method", "scl",
+                                      "--synthetic", "--device", device, "--iters", "2", "--warmup", "1",
+                                      "--out", j("bench_step_scl_1gpu.json"), *one_gpu[1:]], 60,
+              "bench_step_scl_1gpu.json"),
         Stage("bench_losses", [py, f"{bench}/bench_losses.py", "--device", device, "--sizes", losses, "--repeats",
-                               "2" if smoke else "5", "--out", j("bench_losses.json")], 45, "bench_losses.json"),
+                               "2" if smoke else "5", "--out", j("bench_losses.json")], 40, "bench_losses.json"),
         Stage("bench_memory", [py, f"{bench}/bench_memory.py", "--config", paper, "--device", device, "--crop", *crop,
-                               "--amp", "off,bf16" if smoke else ",".join(PRECISIONS), "--out", j("bench_memory.json")],
+                               "--amp", "off,bf16" if smoke else ",".join(PRECISIONS), "--steps", "1" if smoke else "3",
+                               "--out", j("bench_memory.json")],
               90, "bench_memory.json"),
         Stage("inference", [py, f"{bench}/bench_inference.py", "--device", device, *inference_model, *infer,
-                            "--out", j("inference.json")], 45, "inference.json"),
+                            "--out", j("inference.json")], 40, "inference.json"),
     ]
     if smoke:  # one thread per process (a loaded CI machine) and limits that only catch hangs
         for stage in stages:
@@ -150,6 +160,7 @@ def train_steps(args: argparse.Namespace) -> int:
                     f"train.device={device.type}", "method.unlabeled_start=0", "method.rampup_iters=0"])
                 with tempfile.TemporaryDirectory() as run_dir:
                     trainer = Trainer(cfg, run_dir, data=synthetic_data(cfg, 19), show_progress=False)
+                    calibrate_batchnorm(trainer, *synthetic_batches(trainer, args.steps))
                     before = [p.detach().clone() for p in trainer.student.parameters()]
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
@@ -178,10 +189,38 @@ def train_steps(args: argparse.Namespace) -> int:
                   + (f", step {1e3 * min(row['step_s']):.0f} ms, losses {row['losses']}" if "step_s" in row else "")
                   + (f" ({row['error']})" if "error" in row else ""), flush=True)
             results.append(row)
+            # after every row, so that a stage stopped at its time limit keeps the rows it ran
+            write_json(args.out, {"device": args.device, "config": args.config, "runs": results})
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    write_json(args.out, {"device": args.device, "config": args.config, "runs": results})
     return 1 if failures else 0
+
+
+def calibrate_batchnorm(trainer: Any, batch: dict, ubatch: Optional[dict]) -> None:
+    """Give the student's and the teacher's BatchNorm layers the statistics of one batch.
+
+    Freshly initialised layers hold mean 0 and variance 1, so the teacher's eval-mode forward
+    normalises nothing: through the 33 residual blocks of a random ResNet-101 its activations
+    overflow float16 (NaN guessed labels), which pre-trained weights, with their statistics, never
+    do. One train-mode pass without gradients (cumulative averages) sets them from the data.
+    """
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from sclseg.teacher import unwrap
+
+    network = unwrap(trainer.student)
+    layers = [m for m in network.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in layers]
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    images = batch["image"] if ubatch is None else torch.cat([batch["image"], ubatch["image"]])
+    with torch.no_grad():
+        network.train()(images)
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    trainer.mean_teacher.teacher.load_state_dict(network.state_dict())
 
 
 # --------------------------------------------------------------------------- summary

@@ -16,7 +16,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_memory import fit_lines, resident_bytes  # noqa: E402
 
-STAGES = ["cuda_tests", "train_steps", "bench_step_scl", "bench_step_cl", "bench_losses", "bench_memory", "inference"]
+STAGES = ["cuda_tests", "train_steps", "bench_step_scl", "bench_step_cl", "bench_step_scl_1gpu", "bench_losses",
+          "bench_memory", "inference"]
 
 
 def test_fit_recovers_a_known_line_and_predicts_800x800():
@@ -70,6 +71,35 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in memory)
     step = stages["bench_step_scl"]["result"]
     assert step["overhead_ratio"] > 0 and step["train_step_ms"]["median"] > 0
+    one_gpu = stages["bench_step_scl_1gpu"]["result"]["config"]["resolved"]["train"]
+    assert one_gpu["grad_accum"] == 2  # the recipe's accumulation, at toy size
 
     text = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in text for name in STAGES) and "All stages passed." in text
+
+
+def test_calibrated_batchnorm_holds_the_batch_statistics_in_student_and_teacher(tmp_path):
+    from gpu_check import calibrate_batchnorm
+
+    from bench_memory import synthetic_batches
+    from bench_step import synthetic_data
+    from sclseg.config import load_config, resolve_config_path
+    from sclseg.engine.trainer import Trainer
+
+    cfg = load_config(resolve_config_path("digits/default"), ["data.crop_size=[32, 32]", "model.pretrained=null",
+                                                               "data.batch_size=2", "data.unlabeled_batch_size=2"])
+    trainer = Trainer(cfg, tmp_path, data=synthetic_data(cfg, 5), show_progress=False)
+    batch, ubatch = synthetic_batches(trainer, 0)
+    student = trainer.student
+    first_bn = next(m for m in student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    hook = first_bn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach().clone()))
+    calibrate_batchnorm(trainer, batch, ubatch)
+    hook.remove()
+    (features,) = seen  # one pass, over the labeled and the unlabeled images together
+    assert features.shape[0] == 4
+    torch.testing.assert_close(first_bn.running_mean, features.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(first_bn.running_var, features.var(dim=(0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert first_bn.momentum == 0.1  # the layers' own momentum is back
+    teacher = trainer.mean_teacher.teacher.state_dict()
+    assert all(torch.equal(teacher[k], v) for k, v in student.state_dict().items())
