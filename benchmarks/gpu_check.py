@@ -201,8 +201,9 @@ def calibrate_batchnorm(trainer: Any, batch: dict, ubatch: Optional[dict]) -> No
 
     Freshly initialised layers hold mean 0 and variance 1, so the teacher's eval-mode forward
     normalises nothing: through the 33 residual blocks of a random ResNet-101 its activations
-    overflow float16 (NaN guessed labels), which pre-trained weights, with their statistics, never
-    do. One train-mode pass without gradients (cumulative averages) sets them from the data.
+    overflow float16 (a NaN loss, seen with CPU autocast), which pre-trained weights, with their
+    statistics, do not. One train-mode pass without gradients (cumulative averages) sets them from
+    the data.
     """
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
