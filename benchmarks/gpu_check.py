@@ -67,14 +67,14 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
     j = lambda name: str(out / name)  # noqa: E731
     if smoke:
         paper, crop, losses, infer = "digits/default", ["32", "32"], "32x64", ["--size", "64x128", "--tile", "32x64"]
-        one_gpu = ["digits/default", "train.grad_accum=2"]
+        one_gpu, one_gpu_overrides = "digits/default", ["train.grad_accum=2"]
         steps = ["--models", "compact", "--crop", "32", "32", "--steps", "2"]
         iters = ["--iters", "2", "--warmup", "1"]
         inference_model = ["--model", "compact", "--scales", "0.5,1", "--ms-tile", "32x64", "--repeats", "1"]
     else:
         paper, crop, losses, infer = "cityscapes/scl_wrn38", ["800", "800"], "512x1024", ["--size", "1024x2048",
                                                                                           "--tile", "800x800"]
-        one_gpu = ["cityscapes/scl_wrn38_1gpu"]
+        one_gpu, one_gpu_overrides = "cityscapes/scl_wrn38_1gpu", []
         steps = ["--crop", "800", "800", "--steps", "3"]
         iters = ["--iters", "10", "--warmup", "3"]
         inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
@@ -87,9 +87,9 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
                                     "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 60,
                 f"bench_step_{m}.json") for m in ("scl", "cl")),
-        Stage("bench_step_scl_1gpu", [py, f"{bench}/bench_step.py", "--config", one_gpu[0], "--method", "scl",
+        Stage("bench_step_scl_1gpu", [py, f"{bench}/bench_step.py", "--config", one_gpu, "--method", "scl",
                                       "--synthetic", "--device", device, "--iters", "2", "--warmup", "1",
-                                      "--out", j("bench_step_scl_1gpu.json"), *one_gpu[1:]], 60,
+                                      "--out", j("bench_step_scl_1gpu.json"), *one_gpu_overrides], 60,
               "bench_step_scl_1gpu.json"),
         Stage("bench_losses", [py, f"{bench}/bench_losses.py", "--device", device, "--sizes", losses, "--repeats",
                                "2" if smoke else "5", "--out", j("bench_losses.json")], 40, "bench_losses.json"),
@@ -202,25 +202,18 @@ def calibrate_batchnorm(trainer: Any, batch: dict, ubatch: Optional[dict]) -> No
     Freshly initialised layers hold mean 0 and variance 1, so the teacher's eval-mode forward
     normalises nothing: through the 33 residual blocks of a random ResNet-101 its activations
     overflow float16 (a NaN loss, seen with CPU autocast), which pre-trained weights, with their
-    statistics, do not. One train-mode pass without gradients (cumulative averages) sets them from
-    the data.
+    statistics, do not. torch's ``update_bn`` (one train-mode pass, cumulative averages) sets them
+    from the labeled and unlabeled images together; the teacher copies them.
     """
     import torch
-    from torch.nn.modules.batchnorm import _BatchNorm
+    from torch.optim.swa_utils import update_bn
 
     from sclseg.teacher import unwrap
 
     network = unwrap(trainer.student)
-    layers = [m for m in network.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    momenta = [m.momentum for m in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None
     images = batch["image"] if ubatch is None else torch.cat([batch["image"], ubatch["image"]])
     with torch.no_grad():
-        network.train()(images)
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
+        update_bn([images], network)
     trainer.mean_teacher.teacher.load_state_dict(network.state_dict())
 
 
