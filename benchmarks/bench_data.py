@@ -13,12 +13,13 @@ per worker (workers = 0 counts as one: the main process), the one-time class-uni
 scan, in the main process the decode time and the whole sample time, and the time of the
 batch's colour jitter and blur, which the trainer applies on ``--device`` (not in the workers).
 
-Consumption: a training step takes ``data.batch_size`` labeled and ``data.unlabeled_batch_size``
-unlabeled images; give the step time with ``--step-ms`` or ``--step-json`` (a bench_step.py JSON)
-and the script compares, for ``data.num_workers`` workers per stream (the trainer runs two
-streams, each with its own workers), the delivered rate (measured, or per-worker rate times
-workers where that count was not measured: an upper bound, the cores permitting) with the rate
-a step consumes.
+Consumption: a training step takes ``train.grad_accum`` micro-batches of ``data.batch_size``
+labeled and ``data.unlabeled_batch_size`` unlabeled images; give the step time with ``--step-ms``
+or ``--step-json`` (a bench_step.py JSON, whose own resolved config then gives the batch sizes and
+``grad_accum`` of the step it timed) and the script compares, for ``data.num_workers`` workers
+per stream (the trainer runs two streams, each with its own workers), the delivered rate
+(measured, or per-worker rate times workers where that count was not measured: an upper bound,
+the cores permitting) with the rate a step consumes.
 
 Usage::
 
@@ -44,7 +45,7 @@ import torch
 from PIL import Image
 
 from bench_losses import CpuLoad, machine_info, sync, write_json
-from sclseg.config import load_config, resolve_config_path
+from sclseg.config import config_to_dict, load_config, resolve_config_path
 
 # labelIds of the 19 evaluated Cityscapes classes, and some ignored ids (unlabeled, ego vehicle, ...)
 TRAIN_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
@@ -144,6 +145,13 @@ def photometric_costs(view, photometric, batch_size: int, device: torch.device, 
     return {"device": device.type, "batch_size": batch_size, "ms_per_batch": ms, "ms_per_image": ms / batch_size}
 
 
+def images_per_step(resolved: dict) -> dict[str, int]:
+    """Images of each stream one optimizer step takes: ``grad_accum`` micro-batches of each batch
+    size, from a resolved config as a dict (``config_to_dict``, or a bench_step JSON's ``resolved``)."""
+    data, accum = resolved["data"], resolved["train"]["grad_accum"]
+    return {"labeled": data["batch_size"] * accum, "unlabeled": data["unlabeled_batch_size"] * accum}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="cityscapes/scl_wrn38", help="a cityscapes config (its data section is used)")
@@ -169,9 +177,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    step_ms = args.step_ms
+    step_ms, step_cfg = args.step_ms, None
     if args.step_json:
-        step_ms = json.loads(Path(args.step_json).read_text())["loop_step_ms"]
+        timed = json.loads(Path(args.step_json).read_text())
+        step_ms, step_cfg = timed["loop_step_ms"], timed["config"]["resolved"]
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="sclseg_bench_data_"))
     results: list[dict] = []
@@ -214,6 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"({jitter['ms_per_image']:.1f} ms per image)", flush=True)
 
         streams = {"labeled": (bundle.labeled, d.batch_size), "unlabeled": (bundle.unlabeled, d.unlabeled_batch_size)}
+        per_step = images_per_step(step_cfg or config_to_dict(cfg))
         for workers in args.workers:
             for name, (dataset, batch) in streams.items():
                 warmup = args.warmup if args.warmup is not None else max(1, workers)
@@ -240,11 +250,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     comparison = None
     if step_ms:
         w = config_workers
-        comparison = {"step_ms": step_ms, "num_workers_per_stream": w, "streams": {}}
+        comparison = {"step_ms": step_ms, "images_per_step": per_step, "num_workers_per_stream": w, "streams": {}}
         print()
-        print(f"step {step_ms:.1f} ms, data.num_workers={w} per stream (2 streams: {2 * max(w, 0)} workers in all):")
-        for name, (_, batch) in streams.items():
-            need = batch / (step_ms / 1e3)
+        print(f"step {step_ms:.1f} ms taking {per_step['labeled']} labeled + {per_step['unlabeled']} unlabeled images, "
+              f"data.num_workers={w} per stream (2 streams: {2 * max(w, 0)} workers in all):")
+        for name in streams:
+            need = per_step[name] / (step_ms / 1e3)
             rows = [r for r in results if r["stream"] == name]
             exact = next((r for r in rows if r["workers"] == w), None)
             if exact is not None:

@@ -12,9 +12,13 @@ Stages (each a subprocess with its own time limit; a failed stage is recorded an
    synthetic), ``overhead_ratio`` for each method; ``bench_step_scl_1gpu``: the one-GPU recipe
    (``cityscapes/scl_wrn38_1gpu``: 8 accumulated micro-batches, checkpointing, bf16), whose loop
    step is the time of one of its iterations.
-4. ``bench_losses``: the losses at 512x1024.
-5. ``bench_memory``: WRN38 at 800x800 for each checkpointing and AMP setting.
-6. ``inference``: whole, tiled and multi-scale+flip tiled inference of WRN38 on 1024x2048 images.
+4. ``bench_data``: the one-GPU recipe's data streams on synthetic Cityscapes-size PNGs with 0, 4
+   and 8 workers, the colour jitter and blur timed on the GPU, against the images per second that
+   ``bench_step_scl_1gpu``'s iteration consumes: do the loaders keep the GPU fed on this machine.
+   It needs the ``cityscapes`` extra (the official label table).
+5. ``bench_losses``: the losses at 512x1024.
+6. ``bench_memory``: WRN38 at 800x800 for each checkpointing and AMP setting.
+7. ``inference``: whole, tiled and multi-scale+flip tiled inference of WRN38 on 1024x2048 images.
 
 ``--cpu-smoke`` runs the same stages on the CPU at toy sizes (the ``compact`` model, 32-64 pixel
 crops, one or two repeats) in well under a minute: it checks that the script, the benchmarks it
@@ -59,7 +63,7 @@ class Stage:
 def plan(out: Path, smoke: bool) -> list[Stage]:
     """The stages and their sizes: paper scale on a GPU, toy sizes with ``smoke``.
 
-    On a GPU the time limits add up to 580 s, so that the whole check ends within ten minutes.
+    On a GPU the time limits add up to 590 s, so that the whole check ends within ten minutes.
     """
     py = sys.executable
     bench = str(HERE)
@@ -68,6 +72,7 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
     if smoke:
         paper, crop, losses, infer = "digits/default", ["32", "32"], "32x64", ["--size", "64x128", "--tile", "32x64"]
         one_gpu, one_gpu_overrides = "digits/default", ["train.grad_accum=2"]
+        data = ["--images", "4", "--size", "256x128", "--workers", "0,1", "--batches", "1", "data.crop_size=[64,64]"]
         steps = ["--models", "compact", "--crop", "32", "32", "--steps", "2"]
         iters = ["--iters", "2", "--warmup", "1"]
         inference_model = ["--model", "compact", "--scales", "0.5,1", "--ms-tile", "32x64", "--repeats", "1"]
@@ -75,6 +80,7 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         paper, crop, losses, infer = "cityscapes/scl_wrn38", ["800", "800"], "512x1024", ["--size", "1024x2048",
                                                                                           "--tile", "800x800"]
         one_gpu, one_gpu_overrides = "cityscapes/scl_wrn38_1gpu", []
+        data = ["--images", "16", "--workers", "0,4,8", "--batches", "8"]
         steps = ["--crop", "800", "800", "--steps", "3"]
         iters = ["--iters", "10", "--warmup", "3"]
         inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
@@ -85,14 +91,17 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out", j("train_steps.json"),
                               *steps], 150, "train_steps.json"),
         *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
-                                    "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 60,
+                                    "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 45,
                 f"bench_step_{m}.json") for m in ("scl", "cl")),
         Stage("bench_step_scl_1gpu", [py, f"{bench}/bench_step.py", "--config", one_gpu, "--method", "scl",
                                       "--synthetic", "--device", device, "--iters", "2", "--warmup", "1",
                                       "--out", j("bench_step_scl_1gpu.json"), *one_gpu_overrides], 60,
               "bench_step_scl_1gpu.json"),
+        Stage("bench_data", [py, f"{bench}/bench_data.py", "--config", "cityscapes/scl_wrn38_1gpu", "--device", device,
+                             "--step-json", j("bench_step_scl_1gpu.json"), "--out", j("bench_data.json"), *data], 55,
+              "bench_data.json"),
         Stage("bench_losses", [py, f"{bench}/bench_losses.py", "--device", device, "--sizes", losses, "--repeats",
-                               "2" if smoke else "5", "--out", j("bench_losses.json")], 40, "bench_losses.json"),
+                               "2" if smoke else "5", "--out", j("bench_losses.json")], 25, "bench_losses.json"),
         Stage("bench_memory", [py, f"{bench}/bench_memory.py", "--config", paper, "--device", device, "--crop", *crop,
                                "--amp", "off,bf16" if smoke else ",".join(PRECISIONS), "--steps", "1" if smoke else "3",
                                "--out", j("bench_memory.json")],
@@ -233,6 +242,11 @@ def _figures(record: dict) -> str:
     if name.startswith("bench_step"):
         return (f"overhead_ratio {r['overhead_ratio']:.3f}, loop step {r['loop_step_ms']:.1f} ms, "
                 f"train_step {r['train_step_ms']['median']:.1f} ms, network passes {r['network_pass_ms']:.1f} ms")
+    if name == "bench_data" and r.get("comparison"):
+        c = r["comparison"]
+        return (f"{c['num_workers_per_stream']} workers per stream: " + ", ".join(
+            f"{k} {v['delivered_images_per_s']:.1f} img/s ({v['delivered_how'].split(' (')[0]}) for "
+            f"{v['consumed_images_per_s']:.1f} consumed" for k, v in c["streams"].items()))
     if name == "train_steps":
         ok = sum(row["status"] == "ok" for row in r["runs"])
         return f"{ok}/{len(r['runs'])} model x precision runs ok"

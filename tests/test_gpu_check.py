@@ -16,8 +16,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_memory import fit_lines, resident_bytes  # noqa: E402
 
-STAGES = ["cuda_tests", "train_steps", "bench_step_scl", "bench_step_cl", "bench_step_scl_1gpu", "bench_losses",
-          "bench_memory", "inference"]
+STAGES = ["cuda_tests", "train_steps", "bench_step_scl", "bench_step_cl", "bench_step_scl_1gpu", "bench_data",
+          "bench_losses", "bench_memory", "inference"]
 
 
 def test_fit_recovers_a_known_line_and_predicts_800x800():
@@ -41,6 +41,14 @@ def test_resident_bytes_counts_each_storage_once():
     w = torch.zeros(1000)  # 4000 bytes
     g = torch.zeros(10, dtype=torch.float64)  # 80 bytes
     assert resident_bytes([w, w[:10], w.view(10, 100), g]) == 4080
+
+
+def test_the_gpu_stages_end_within_ten_minutes(tmp_path):
+    from gpu_check import plan
+
+    stages = plan(tmp_path, smoke=False)
+    assert [s.name for s in stages] == STAGES
+    assert sum(s.timeout_s for s in stages) <= 590  # room for the start and the summary
 
 
 def test_usage_errors_exit_2(tmp_path):
@@ -71,8 +79,13 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in memory)
     step = stages["bench_step_scl"]["result"]
     assert step["overhead_ratio"] > 0 and step["train_step_ms"]["median"] > 0
-    one_gpu = stages["bench_step_scl_1gpu"]["result"]["config"]["resolved"]["train"]
-    assert one_gpu["grad_accum"] == 2  # the recipe's accumulation, at toy size
+    one_gpu = stages["bench_step_scl_1gpu"]["result"]
+    assert one_gpu["config"]["resolved"]["train"]["grad_accum"] == 2  # the recipe's accumulation, at toy size
+    # the data stage compares its loaders with what that iteration consumes: 2 micro-batches of 4 + 4 crops
+    data = stages["bench_data"]["result"]["comparison"]
+    assert data["step_ms"] == one_gpu["loop_step_ms"] and data["images_per_step"] == {"labeled": 8, "unlabeled": 8}
+    for stream in ("labeled", "unlabeled"):
+        assert data["streams"][stream]["consumed_images_per_s"] == pytest.approx(8 / (one_gpu["loop_step_ms"] / 1e3))
 
     text = (out / "summary.md").read_text()
     assert all(f"| {name} | ok |" in text for name in STAGES) and "All stages passed." in text
