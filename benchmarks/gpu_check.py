@@ -245,7 +245,7 @@ def _figures(record: dict) -> str:
     if name == "bench_data" and r.get("comparison"):
         c = r["comparison"]
         return (f"{c['num_workers_per_stream']} workers per stream: " + ", ".join(
-            f"{k} {v['delivered_images_per_s']:.1f} img/s ({v['delivered_how'].split(' (')[0]}) for "
+            f"{k} {v['delivered_images_per_s']:.1f} img/s ({v['delivered_how']}) for "
             f"{v['consumed_images_per_s']:.1f} consumed" for k, v in c["streams"].items()))
     if name == "train_steps":
         ok = sum(row["status"] == "ok" for row in r["runs"])
