@@ -184,6 +184,7 @@ class TrainConfig:
     activation_checkpointing: Literal["off", "encoder", "all"] = "off"  # recompute encoder blocks (and the decoder: all) in backward to save memory
     channels_last: bool = False  # NHWC memory format for the model and its inputs
     compile: bool = False  # torch.compile the student (slow first steps; mostly for GPUs)
+    teacher_thread: Literal["auto", "on", "off"] = "auto"  # EMA teacher's forward beside the student's; auto: on a CPU with a core to spare
     sync_bn: bool = True  # synchronize the student's BatchNorm statistics across processes (DDP)
 
 
@@ -232,6 +233,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value is False and "off" in typing.get_args(tp):
             return "off"  # YAML 1.1 reads a bare `off` (in a file or in key=off) as false
+        if value is True and "on" in typing.get_args(tp):
+            return "on"  # and a bare `on` as true
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")

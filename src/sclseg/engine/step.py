@@ -4,12 +4,17 @@
 and an unlabeled batch; :func:`train_step` adds the optimizer, lr schedule and EMA update.
 The methods are ``supervised`` (L_x only), ``cl`` (mean teacher + CutMix + L_c, French et
 al.) and ``scl`` (+ L_sc, the paper).
+
+The teacher's guess does not depend on the student's forward pass of the same step, so a
+:class:`TeacherThread` can compute it on a second CPU core meanwhile; the results are the same,
+bit for bit (the same kernels on the same inputs; the teacher draws no random numbers).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -21,7 +26,7 @@ from sclseg.cutmix import BoxMaskGenerator, mix
 from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss
 from sclseg.teacher import MeanTeacher, unwrap
 
-__all__ = ["AMP_DTYPES", "compute_loss", "train_step", "unlabeled_weight"]
+__all__ = ["AMP_DTYPES", "TeacherThread", "compute_loss", "train_step", "unlabeled_weight", "wants_teacher_thread"]
 
 #: ``train.amp`` -> the autocast dtype of the forward passes (None: float32 throughout).
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,6 +43,60 @@ def unlabeled_weight(method: MethodConfig, iteration: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2)
 
 
+class TeacherThread:
+    """A thread of its own for the teacher's forward pass, beside the student's.
+
+    :meth:`submit` runs a function there under the caller's autocast setting and torch thread
+    count (both are per thread in torch), so that the teacher computes what it would compute in
+    the caller's thread. Worth it on a CPU with a core to spare (:func:`wants_teacher_thread`);
+    on a GPU both passes share one stream. :meth:`close` ends the thread; a later
+    :meth:`submit` starts another.
+    """
+
+    def __init__(self) -> None:
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def submit(self, fn: Callable[..., Tensor], *args, device_type: str) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclseg-teacher")
+        threads = torch.get_num_threads()
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def run() -> Tensor:
+            torch.set_num_threads(threads)
+            with torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                return fn(*args)
+
+        return self._pool.submit(run)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def wants_teacher_thread(setting: str, method: MethodConfig, device_type: str, *, threads: int, cores: int,
+                         processes: int = 1) -> bool:
+    """Whether ``train.teacher_thread`` (``auto | on | off``) gives the EMA teacher a thread.
+
+    Never for ``supervised`` (no teacher) or ``method.teacher: student`` (the teacher is the
+    student). ``auto``: on a CPU device whose ``cores`` hold two passes of ``threads`` torch
+    threads for each of the ``processes`` training processes on the machine.
+    """
+    if setting == "off" or method.name == "supervised" or method.teacher != "ema":
+        return False
+    return setting == "on" or (device_type == "cpu" and cores >= 2 * threads * processes)
+
+
+@torch.no_grad()
+def _guessed_labels(teacher: Callable[[Tensor], Tensor], unlabeled: Tensor, owner: Tensor) -> Tensor:
+    """The teacher's soft labels of the mixed images ``(U, C, H, W)``, float32: one pass over the
+    unlabeled images ``(U, 3, H, W)``, whose maps are mixed as the images are (u_b's are u_a's rolled)."""
+    probs_a = teacher(unlabeled).float().softmax(dim=1)
+    return mix(probs_a, probs_a.roll(1, dims=0), owner)
+
+
 def compute_loss(
     student: nn.Module,
     teacher: Callable[[Tensor], Tensor],
@@ -50,6 +109,7 @@ def compute_loss(
     generator: Optional[torch.Generator] = None,
     weight: float = 1.0,
     ignore_index: int = 255,
+    teacher_thread: Optional[TeacherThread] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The step's loss and its detached terms.
 
@@ -59,6 +119,8 @@ def compute_loss(
         images: labeled images ``(B, 3, H, W)``; labels ``(B, H, W)``.
         unlabeled: ``(U, 3, H', W')`` with ``U >= 2``, or None for supervised steps.
         weight: the unlabeled weight (ramp-up); 0 skips the unlabeled branch entirely.
+        teacher_thread: guess the labels there, during the student's forward pass (the teacher
+            must then be a network of its own, not the student).
     Returns:
         ``(loss, {"loss", "loss_x", "loss_c", "loss_sc"})`` (terms present as computed).
     """
@@ -69,9 +131,10 @@ def compute_loss(
 
     batch_u, _, height, width = unlabeled.shape
     owner = mask_generator(batch_u, height, width, generator, device=unlabeled.device)
-    with torch.no_grad():
-        probs_a = teacher(unlabeled).float().softmax(dim=1)  # one pass: u_b's maps are u_a's rolled
-        target = mix(probs_a, probs_a.roll(1, dims=0), owner)
+    if teacher_thread is not None:
+        guess = teacher_thread.submit(_guessed_labels, teacher, unlabeled, owner, device_type=unlabeled.device.type)
+    else:
+        target = _guessed_labels(teacher, unlabeled, owner)
     mixed = mix(unlabeled, unlabeled.roll(1, dims=0), owner)
     if images.shape[1:] == mixed.shape[1:]:
         logits_x, logits_m = student(torch.cat([images, mixed])).split([images.shape[0], batch_u])
@@ -80,6 +143,8 @@ def compute_loss(
     probs_s = logits_m.float().softmax(dim=1)
 
     loss_x = relaxed_boundary_loss(logits_x, labels, window=method.relax_window, ignore_index=ignore_index)
+    if teacher_thread is not None:
+        target = guess.result()
     confident = None if method.confidence is None else target.amax(dim=1) > method.confidence
     loss_c = consistency_loss(probs_s, target, confident)
     loss = loss_x + weight * method.lambda_c * loss_c
@@ -118,6 +183,7 @@ def train_step(
     ignore_index: int = 255,
     amp_dtype: Optional[torch.dtype] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
+    teacher_thread: Optional[TeacherThread] = None,
 ) -> dict[str, Tensor]:
     """Forward, backward, SGD step, lr schedule step and EMA update; returns detached terms.
 
@@ -129,6 +195,8 @@ def train_step(
     micro-batches). ``scaler`` (fp16) scales the loss and skips steps with non-finite gradients.
     ``method.teacher`` chooses the guessed labels' network: the EMA (``"ema"``) or the student
     itself in eval mode (``"student"``); the EMA is updated either way, for evaluation.
+    ``teacher_thread`` computes the EMA teacher's guesses there (see :class:`TeacherThread`);
+    it is not used with ``method.teacher: student``, whose teacher is the student itself.
     """
     micro = list(batches)
     umicro: list[Optional[dict]] = [None] * len(micro) if unlabeled_batches is None else list(unlabeled_batches)
@@ -142,6 +210,8 @@ def train_step(
     no_sync = getattr(student, "no_sync", None)
     totals: dict[str, Tensor] = {}
     teacher = mean_teacher.teacher if method.teacher == "ema" else _EvalModeView(unwrap(student))
+    if method.teacher != "ema":
+        teacher_thread = None
     for index, (labeled, unlabeled) in enumerate(zip(micro, umicro)):
         sync = no_sync() if no_sync is not None and index < count - 1 else nullcontext()
         autocast = torch.autocast(device_type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
@@ -150,7 +220,7 @@ def train_step(
                 loss, terms = compute_loss(student, teacher, labeled["image"], labeled["mask"],
                                            None if unlabeled is None else unlabeled["image"], method=method,
                                            mask_generator=mask_generator, generator=generator, weight=weight,
-                                           ignore_index=ignore_index)
+                                           ignore_index=ignore_index, teacher_thread=teacher_thread)
             loss = loss.float()
             if count > 1:
                 loss = loss / count

@@ -19,6 +19,7 @@ writes files. See docs/distributed.md.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -39,7 +40,7 @@ from sclseg.engine.monitor import TrainMonitor
 from sclseg.engine.optim import build_optimizer
 from sclseg.engine.run_dir import RunFolder
 from sclseg.engine.seeding import seed_process, stream_seed
-from sclseg.engine.step import AMP_DTYPES, train_step, unlabeled_weight
+from sclseg.engine.step import AMP_DTYPES, TeacherThread, train_step, unlabeled_weight, wants_teacher_thread
 from sclseg.engine.stream import Stream, batch_to_device, make_stream
 from sclseg.models import create_model
 from sclseg.models.checkpointing import apply_activation_checkpointing
@@ -88,6 +89,7 @@ class Trainer:
         self.generator = seed_process(t.seed, self.rank, self.device)  # CutMix boxes, SCL pairs
         self.amp_dtype = AMP_DTYPES[t.amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
+        self.teacher_thread = self._teacher_thread()
         self.checkpointer = Checkpointer(cfg, self.folder.path, self.data, self.student, self.mean_teacher,
                                          self.optimizer, self.scheduler, self.scaler, self.generator, self.folder.log)
         self.state = TrainState()
@@ -127,6 +129,14 @@ class Trainer:
         if t.compile:
             model = torch.compile(model)
         return model, mean_teacher
+
+    def _teacher_thread(self) -> Optional[TeacherThread]:
+        """The EMA teacher's own thread when ``train.teacher_thread`` asks for one on this machine."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        wanted = wants_teacher_thread(self.cfg.train.teacher_thread, self.cfg.method, self.device.type,
+                                      threads=torch.get_num_threads(), cores=cores, processes=processes)
+        return TeacherThread() if wanted else None
 
     def _resume_path(self, resume: Union[None, bool, str, Path]) -> Optional[Path]:
         """The checkpoint to resume from (rank 0 decides, every rank gets its answer)."""
@@ -179,7 +189,7 @@ class Trainer:
         return train_step(self.student, self.mean_teacher, self.optimizer, self.scheduler, labeled, unlabeled,
                           method=self.cfg.method, mask_generator=self.mask_generator, generator=self.generator,
                           weight=weight, ignore_index=self.data.ignore_index, amp_dtype=self.amp_dtype,
-                          scaler=self.scaler)
+                          scaler=self.scaler, teacher_thread=self.teacher_thread)
 
     def _next_batches(self, stream: Stream) -> list[dict]:
         """The ``grad_accum`` micro-batches of one step, on the device, augmented (on a CPU device
@@ -267,6 +277,8 @@ class Trainer:
             for stream in streams.values():
                 if stream is not None:
                     stream.close()
+            if self.teacher_thread is not None:
+                self.teacher_thread.close()
             monitor.close()
             self.folder.close()
         if state.iteration < t.iterations:  # stopped by `until`
