@@ -20,7 +20,9 @@ temporary folder and measures:
 
 ``overhead_ratio = loop step time / network pass time``. The unlabeled terms run at full weight
 from the first step (``method.unlabeled_start=0``, ``method.rampup_iters=0``), so the timed steps
-are the semi-supervised steps.
+are the semi-supervised steps. Where the trainer gives the EMA teacher a thread of its own
+(``train.teacher_thread``), the loop and ``train_step`` run the teacher's pass beside the
+student's, so either can take less than the network passes timed one after the other.
 
 ``--compete N`` runs N busy processes (one spinning Python loop each) beside the timed steps: the
 step time of a machine whose cores are shared, to choose ``train.threads`` for such machines.
