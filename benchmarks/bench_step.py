@@ -22,7 +22,9 @@ temporary folder and measures:
 from the first step (``method.unlabeled_start=0``, ``method.rampup_iters=0``), so the timed steps
 are the semi-supervised steps. Where the trainer gives the EMA teacher a thread of its own
 (``train.teacher_thread``), the loop and ``train_step`` run the teacher's pass beside the
-student's, so either can take less than the network passes timed one after the other.
+student's, so either can take less than the network passes timed one after the other. Where it
+loads the next step's batches during the backward pass (``train.prefetch``), the loop hides most
+of ``data``, which is timed in the training thread, as a loop without prefetch loads them.
 
 ``--compete N`` runs N busy processes (one spinning Python loop each) beside the timed steps: the
 step time of a machine whose cores are shared, to choose ``train.threads`` for such machines.

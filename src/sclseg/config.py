@@ -185,6 +185,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for the model and its inputs
     compile: bool = False  # torch.compile the student (slow first steps; mostly for GPUs)
     teacher_thread: Literal["auto", "on", "off"] = "auto"  # EMA teacher's forward beside the student's; auto: on a CPU with a core to spare
+    prefetch: Literal["auto", "on", "off"] = "auto"  # next step's batches loaded beside the backward pass; auto: likewise
     sync_bn: bool = True  # synchronize the student's BatchNorm statistics across processes (DDP)
 
 
@@ -432,6 +433,9 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     _check(bool(_DEVICE.match(t.device)), "train.device", "auto, cpu, cuda or cuda:N", t.device)
     _check(t.threads is None or t.threads >= 1, "train.threads", "None or >= 1", t.threads)
+    _check(t.prefetch != "on" or t.activation_checkpointing == "off", "train.prefetch",
+           "auto or off with train.activation_checkpointing (its replay in the backward pass resets the random "
+           "state that loading the next batches draws from)", t.prefetch)
     _check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), "eval.scales", "a non-empty list of scales > 0",
            e.scales)
     _check(e.tile is None or (len(e.tile) == 2 and all(v >= 1 for v in e.tile)), "eval.tile",

@@ -37,9 +37,9 @@ class TrainState:
     best: dict = field(default_factory=lambda: {"miou": None, "iteration": None})
     stream_offsets: dict = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
 
-    def stream_position(self, role: str, grad_accum: int) -> int:
-        """Batches of stream ``role`` this rank has consumed (or skipped) so far."""
-        return self.iteration * grad_accum + self.stream_offsets[role]
+    def stream_position(self, role: str, grad_accum: int, step: Optional[int] = None) -> int:
+        """Batches of stream ``role`` this rank has consumed (or skipped) before ``step`` (default: so far)."""
+        return (self.iteration if step is None else step) * grad_accum + self.stream_offsets[role]
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:

@@ -5,16 +5,16 @@ and an unlabeled batch; :func:`train_step` adds the optimizer, lr schedule and E
 The methods are ``supervised`` (L_x only), ``cl`` (mean teacher + CutMix + L_c, French et
 al.) and ``scl`` (+ L_sc, the paper).
 
-The teacher's guess does not depend on the student's forward pass of the same step, so a
-:class:`TeacherThread` can compute it on a second CPU core meanwhile; the results are the same,
-bit for bit (the same kernels on the same inputs; the teacher draws no random numbers).
+Two parts of a step can run on a :class:`~sclseg.engine.side_thread.SideThread` meanwhile,
+with the same results bit for bit: the teacher's guess, during the student's forward pass, and
+work the caller starts just before the last backward pass (the trainer: the next step's batches).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, wait
 from contextlib import nullcontext
 from typing import Callable, Optional
 
@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from sclseg.config import MethodConfig
 from sclseg.cutmix import BoxMaskGenerator, mix
+from sclseg.engine.side_thread import SideThread
 from sclseg.losses import consistency_loss, relaxed_boundary_loss, structured_consistency_loss
 from sclseg.teacher import MeanTeacher, unwrap
 
-__all__ = ["AMP_DTYPES", "TeacherThread", "compute_loss", "train_step", "unlabeled_weight", "wants_teacher_thread"]
+__all__ = ["AMP_DTYPES", "compute_loss", "train_step", "unlabeled_weight"]
 
 #: ``train.amp`` -> the autocast dtype of the forward passes (None: float32 throughout).
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -41,52 +42,6 @@ def unlabeled_weight(method: MethodConfig, iteration: int) -> float:
         return 1.0
     t = min(1.0, (iteration - method.unlabeled_start) / method.rampup_iters)
     return math.exp(-5.0 * (1.0 - t) ** 2)
-
-
-class TeacherThread:
-    """A thread of its own for the teacher's forward pass, beside the student's.
-
-    :meth:`submit` runs a function there under the caller's autocast setting and torch thread
-    count (both are per thread in torch), so that the teacher computes what it would compute in
-    the caller's thread. Worth it on a CPU with a core to spare (:func:`wants_teacher_thread`);
-    on a GPU both passes share one stream. :meth:`close` ends the thread; a later
-    :meth:`submit` starts another.
-    """
-
-    def __init__(self) -> None:
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    def submit(self, fn: Callable[..., Tensor], *args, device_type: str) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sclseg-teacher")
-        threads = torch.get_num_threads()
-        autocast = torch.is_autocast_enabled(device_type)
-        dtype = torch.get_autocast_dtype(device_type)
-
-        def run() -> Tensor:
-            torch.set_num_threads(threads)
-            with torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                return fn(*args)
-
-        return self._pool.submit(run)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-
-def wants_teacher_thread(setting: str, method: MethodConfig, device_type: str, *, threads: int, cores: int,
-                         processes: int = 1) -> bool:
-    """Whether ``train.teacher_thread`` (``auto | on | off``) gives the EMA teacher a thread.
-
-    Never for ``supervised`` (no teacher) or ``method.teacher: student`` (the teacher is the
-    student). ``auto``: on a CPU device whose ``cores`` hold two passes of ``threads`` torch
-    threads for each of the ``processes`` training processes on the machine.
-    """
-    if setting == "off" or method.name == "supervised" or method.teacher != "ema":
-        return False
-    return setting == "on" or (device_type == "cpu" and cores >= 2 * threads * processes)
 
 
 @torch.no_grad()
@@ -109,7 +64,7 @@ def compute_loss(
     generator: Optional[torch.Generator] = None,
     weight: float = 1.0,
     ignore_index: int = 255,
-    teacher_thread: Optional[TeacherThread] = None,
+    teacher_thread: Optional[SideThread] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The step's loss and its detached terms.
 
@@ -183,7 +138,8 @@ def train_step(
     ignore_index: int = 255,
     amp_dtype: Optional[torch.dtype] = None,
     scaler: Optional[torch.amp.GradScaler] = None,
-    teacher_thread: Optional[TeacherThread] = None,
+    teacher_thread: Optional[SideThread] = None,
+    beside_backward: Optional[Callable[[], Future]] = None,
 ) -> dict[str, Tensor]:
     """Forward, backward, SGD step, lr schedule step and EMA update; returns detached terms.
 
@@ -195,8 +151,12 @@ def train_step(
     micro-batches). ``scaler`` (fp16) scales the loss and skips steps with non-finite gradients.
     ``method.teacher`` chooses the guessed labels' network: the EMA (``"ema"``) or the student
     itself in eval mode (``"student"``); the EMA is updated either way, for evaluation.
-    ``teacher_thread`` computes the EMA teacher's guesses there (see :class:`TeacherThread`);
+    ``teacher_thread`` computes the EMA teacher's guesses there (see :mod:`sclseg.engine.side_thread`);
     it is not used with ``method.teacher: student``, whose teacher is the student itself.
+    ``beside_backward`` is called once, just before the last micro-batch's backward pass, to start
+    work on another thread; the step waits for the future it returns before it returns (without
+    taking its result), so that the work ends inside the step's backward pass, optimizer step and
+    EMA update, which draw no random numbers.
     """
     micro = list(batches)
     umicro: list[Optional[dict]] = [None] * len(micro) if unlabeled_batches is None else list(unlabeled_batches)
@@ -224,6 +184,8 @@ def train_step(
             loss = loss.float()
             if count > 1:
                 loss = loss / count
+            if beside_backward is not None and index == count - 1:
+                beside = beside_backward()
             if scaler is not None:
                 scaler.scale(loss).backward()
             else:
@@ -233,6 +195,8 @@ def train_step(
             totals[key] = value / count if key not in totals else totals[key] + value / count
     _optimizer_step(optimizer, scheduler, scaler)
     mean_teacher.update(student)
+    if beside_backward is not None:
+        wait([beside])
     return totals
 
 

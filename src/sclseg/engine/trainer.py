@@ -6,7 +6,9 @@ Each concern is a piece of its own, which the loop calls (docs/architecture.md):
 * :class:`~sclseg.engine.checkpointer.Checkpointer`: ``step_N.pt`` / ``best.pt``, state and restore;
 * :class:`~sclseg.engine.evaluator.Evaluator`: teacher and student on the eval split, the best score;
 * :class:`~sclseg.engine.guards.StopSignals` and :class:`~sclseg.engine.guards.NonFiniteWatch`;
-* :func:`~sclseg.engine.step.train_step`: one optimizer step of the method.
+* :class:`~sclseg.engine.step_batches.StepBatches`: each step's batches from the data streams;
+* :func:`~sclseg.engine.step.train_step`: one optimizer step of the method, with the
+  :class:`~sclseg.engine.side_thread.SideThread` where a CPU has a core to spare.
 
 At a step that is due for both, the checkpoint is written before the evaluation, so a failing
 evaluation loses nothing. The loop raises the exceptions of :mod:`sclseg.engine.errors`, which
@@ -20,6 +22,8 @@ writes files. See docs/distributed.md.
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -40,7 +44,9 @@ from sclseg.engine.monitor import TrainMonitor
 from sclseg.engine.optim import build_optimizer
 from sclseg.engine.run_dir import RunFolder
 from sclseg.engine.seeding import seed_process, stream_seed
-from sclseg.engine.step import AMP_DTYPES, TeacherThread, train_step, unlabeled_weight, wants_teacher_thread
+from sclseg.engine.side_thread import SideThread, wants_prefetch, wants_teacher_thread
+from sclseg.engine.step import AMP_DTYPES, train_step, unlabeled_weight
+from sclseg.engine.step_batches import StepBatches
 from sclseg.engine.stream import Stream, batch_to_device, make_stream
 from sclseg.models import create_model
 from sclseg.models.checkpointing import apply_activation_checkpointing
@@ -89,7 +95,7 @@ class Trainer:
         self.generator = seed_process(t.seed, self.rank, self.device)  # CutMix boxes, SCL pairs
         self.amp_dtype = AMP_DTYPES[t.amp]
         self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
-        self.teacher_thread = self._teacher_thread()
+        self.teacher_thread, self.prefetch_thread = self._side_thread()
         self.checkpointer = Checkpointer(cfg, self.folder.path, self.data, self.student, self.mean_teacher,
                                          self.optimizer, self.scheduler, self.scaler, self.generator, self.folder.log)
         self.state = TrainState()
@@ -130,13 +136,16 @@ class Trainer:
             model = torch.compile(model)
         return model, mean_teacher
 
-    def _teacher_thread(self) -> Optional[TeacherThread]:
-        """The EMA teacher's own thread when ``train.teacher_thread`` asks for one on this machine."""
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        wanted = wants_teacher_thread(self.cfg.train.teacher_thread, self.cfg.method, self.device.type,
-                                      threads=torch.get_num_threads(), cores=cores, processes=processes)
-        return TeacherThread() if wanted else None
+    def _side_thread(self) -> tuple[Optional[SideThread], Optional[SideThread]]:
+        """The side thread for the EMA teacher's pass and for loading ahead, each None where
+        ``train.teacher_thread`` / ``train.prefetch`` do not ask for it on this machine (one thread serves both)."""
+        t = self.cfg.train
+        machine = {"threads": torch.get_num_threads(), "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                   "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)}
+        teacher = wants_teacher_thread(t.teacher_thread, self.cfg.method, self.device.type, **machine)
+        prefetch = wants_prefetch(t.prefetch, t.activation_checkpointing, self.device.type, **machine)
+        side = SideThread() if teacher or prefetch else None
+        return (side if teacher else None), (side if prefetch else None)
 
     def _resume_path(self, resume: Union[None, bool, str, Path]) -> Optional[Path]:
         """The checkpoint to resume from (rank 0 decides, every rank gets its answer)."""
@@ -154,42 +163,45 @@ class Trainer:
             raise FileNotFoundError(f"{path}: checkpoint to resume from not found")
         return path
 
-    def _stream(self, role: Literal["labeled", "unlabeled"]) -> Stream:
-        """The ``labeled`` or ``unlabeled`` stream, from this run's position in it."""
+    def _stream(self, role: Literal["labeled", "unlabeled"], step: Optional[int] = None) -> Stream:
+        """The ``labeled`` or ``unlabeled`` stream, from the position of ``step`` in it (default: this run's)."""
         d = self.cfg.data
         dataset, batch_size = {"labeled": (self.data.labeled, d.batch_size),
                                "unlabeled": (self.data.unlabeled, d.unlabeled_batch_size)}[role]
         return make_stream(dataset, batch_size, seed=stream_seed(self.cfg.train.seed, role),
-                           start_batch=self.state.stream_position(role, self.cfg.train.grad_accum), name=role,
+                           start_batch=self.state.stream_position(role, self.cfg.train.grad_accum, step), name=role,
                            rank=self.rank, world_size=self.world, num_workers=d.num_workers,
                            pin_memory=self.device.type == "cuda", photometric=self.photometric,
                            augment_in_loader=self.device.type == "cpu")
 
     # ------------------------------------------------------------------ pieces the loop calls
-    def step(self, streams: dict[str, Optional[Stream]]) -> tuple[dict, float, float]:
+    def step(self, batches: StepBatches, *, ahead: bool) -> tuple[dict, float, float]:
         """One optimizer step (``grad_accum`` micro-batches): its detached terms, lr and unlabeled weight.
 
         Step k always goes with unlabeled batches ``k * grad_accum ...``; a step that does not use
         them (weight 0: supervised, warm-up) skips them unloaded, so every method reaches
         ``method.unlabeled_start`` in the same state. The unlabeled stream opens at its first use.
+        With ``ahead`` (a next step follows) and a prefetch thread, the next step's batches load
+        there during this step's backward pass.
         """
-        cfg = self.cfg
-        weight = unlabeled_weight(cfg.method, self.state.iteration)
-        labeled = self._next_batches(streams["labeled"])
-        unlabeled = None
-        if weight > 0.0:
-            if streams["unlabeled"] is None:
-                streams["unlabeled"] = self._stream("unlabeled")
-            unlabeled = self._next_batches(streams["unlabeled"])
+        method, k = self.cfg.method, self.state.iteration
+        weight = unlabeled_weight(method, k)
+        labeled, unlabeled = batches.take(k, unlabeled=weight > 0.0)
         lr = self.optimizer.param_groups[0]["lr"]
-        return self.train_on(labeled, unlabeled, weight), lr, weight
+        load_next = None
+        if ahead and self.prefetch_thread is not None:
+            load_next = partial(batches.load_ahead, self.prefetch_thread, k + 1,
+                                unlabeled=unlabeled_weight(method, k + 1) > 0.0)
+        return self.train_on(labeled, unlabeled, weight, beside_backward=load_next), lr, weight
 
-    def train_on(self, labeled: list[dict], unlabeled: Optional[list[dict]], weight: float) -> dict:
-        """One optimizer step of the method on given micro-batches (on the device): its detached terms."""
+    def train_on(self, labeled: list[dict], unlabeled: Optional[list[dict]], weight: float,
+                 beside_backward: Optional[Callable[[], Future]] = None) -> dict:
+        """One optimizer step of the method on given micro-batches (on the device): its detached terms
+        (``beside_backward``: see :func:`~sclseg.engine.step.train_step`)."""
         return train_step(self.student, self.mean_teacher, self.optimizer, self.scheduler, labeled, unlabeled,
                           method=self.cfg.method, mask_generator=self.mask_generator, generator=self.generator,
                           weight=weight, ignore_index=self.data.ignore_index, amp_dtype=self.amp_dtype,
-                          scaler=self.scaler, teacher_thread=self.teacher_thread)
+                          scaler=self.scaler, teacher_thread=self.teacher_thread, beside_backward=beside_backward)
 
     def _next_batches(self, stream: Stream) -> list[dict]:
         """The ``grad_accum`` micro-batches of one step, on the device, augmented (on a CPU device
@@ -241,7 +253,7 @@ class Trainer:
             return self.folder.read_final()
         stop_at = t.iterations if until is None else min(int(until), t.iterations)
         watch = NonFiniteWatch(self.device)
-        streams: dict[str, Optional[Stream]] = {"labeled": self._stream("labeled"), "unlabeled": None}
+        batches = StepBatches(self._stream, self._next_batches)
         monitor = TrainMonitor(total=t.iterations, initial=state.iteration, label=self.cfg.method.name,
                                progress=self.show_progress)
         signals = StopSignals(self.device, self._stop_at_once)
@@ -250,7 +262,7 @@ class Trainer:
         try:
             with signals:
                 while state.iteration < stop_at:
-                    terms, lr, weight = self.step(streams)
+                    terms, lr, weight = self.step(batches, ahead=state.iteration + 1 < stop_at)
                     watch.update(terms["loss"], state.iteration + 1)
                     state.iteration += 1
                     monitor.add(terms)
@@ -274,11 +286,10 @@ class Trainer:
                             raise TrainingInterrupted(signum=signals.signum, step=state.iteration,
                                                       checkpoint=self.out_dir / f"step_{state.iteration}.pt")
         finally:
-            for stream in streams.values():
-                if stream is not None:
-                    stream.close()
-            if self.teacher_thread is not None:
-                self.teacher_thread.close()
+            batches.close()
+            for side in (self.teacher_thread, self.prefetch_thread):
+                if side is not None:
+                    side.close()
             monitor.close()
             self.folder.close()
         if state.iteration < t.iterations:  # stopped by `until`
