@@ -75,9 +75,11 @@ def _torchrun(tmp_path: Path, *args: str, nproc: int = 2, timeout: float = 120.0
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """The same 4 steps as 2 processes x batch 2 (torchrun, Gloo) and as 1 process x batch 4."""
+    """The same 4 steps as 2 processes x batch 2 (torchrun, Gloo) and as 1 process x batch 4; the two
+    processes load each next step's batches during the backward pass and its gradient all-reduce."""
     root = tmp_path_factory.mktemp("ddp")
-    result = _torchrun(root, "train", "digits/default", "--out", str(root / "two"), *DDP, "data.batch_size=2")
+    result = _torchrun(root, "train", "digits/default", "--out", str(root / "two"), *DDP, "data.batch_size=2",
+                       "train.prefetch=on")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     mp = pytest.MonkeyPatch()
     create = trainer_module.create_model

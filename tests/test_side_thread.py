@@ -185,8 +185,11 @@ def test_step_batches_refuse_a_step_out_of_order_and_close_waits_for_the_load() 
         batches.load_ahead(pool, 3, unlabeled=False)
         with pytest.raises(RuntimeError, match="loaded ahead already"):
             batches.load_ahead(pool, 4, unlabeled=False)
-        with pytest.raises(RuntimeError, match="step 3 were loaded ahead, but step 2"):
+        with pytest.raises(RuntimeError, match=r"\(3, False\) were loaded ahead, but \(2, False\)"):
             batches.take(2, unlabeled=False)
+        batches.load_ahead(pool, 3, unlabeled=False)
+        with pytest.raises(RuntimeError, match=r"\(3, False\) were loaded ahead, but \(3, True\)"):
+            batches.take(3, unlabeled=True)
         finished = []
 
         def slow_batches(stream: _CountingStream) -> list:

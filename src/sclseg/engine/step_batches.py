@@ -33,7 +33,7 @@ class StepBatches:
     def __init__(self, open_stream: Callable[[Role, int], Stream], next_batches: Callable[[Stream], list[dict]]) -> None:
         self._open, self._next = open_stream, next_batches
         self.streams: dict[Role, Stream] = {}
-        self._ahead: Optional[tuple[int, Future]] = None
+        self._ahead: Optional[tuple[tuple[int, bool], Future]] = None  # (step, unlabeled), its loading
 
     def take(self, step: int, *, unlabeled: bool) -> Batches:
         """Step ``step``'s batches: the ones loaded ahead for it, else loaded now."""
@@ -41,16 +41,17 @@ class StepBatches:
             return self._load(step, unlabeled)
         loaded_for, future = self._ahead
         self._ahead = None
-        if loaded_for != step:
-            raise RuntimeError(f"the batches of step {loaded_for} were loaded ahead, but step {step} asks for its own")
+        if loaded_for != (step, unlabeled):
+            raise RuntimeError(f"the batches (step, unlabeled) {loaded_for} were loaded ahead, but {(step, unlabeled)} "
+                               "are asked for")
         return future.result()
 
     def load_ahead(self, thread: SideThread, step: int, *, unlabeled: bool) -> Future:
         """Start loading step ``step``'s batches on ``thread``; :meth:`take` hands them over."""
         if self._ahead is not None:
-            raise RuntimeError(f"the batches of step {self._ahead[0]} are loaded ahead already")
+            raise RuntimeError(f"the batches (step, unlabeled) {self._ahead[0]} are loaded ahead already")
         future = thread.submit(self._load, step, unlabeled)
-        self._ahead = (step, future)
+        self._ahead = ((step, unlabeled), future)
         return future
 
     def close(self) -> None:
