@@ -1,8 +1,9 @@
 """The side thread: the EMA teacher's forward pass (``train.teacher_thread``) and the next step's
 batches (``train.prefetch``) beside the training thread's work.
 
-The thread must change when the work runs, not what it computes: every test compares with the
-one-thread step bit for bit (``torch.equal``).
+The thread must change when the work runs, not what it computes: the training tests compare with
+the one-thread step bit for bit (``torch.equal``), and the batches loaded ahead with those loaded
+in place.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import copy
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pytest
 import torch
@@ -125,8 +126,11 @@ def test_when_the_next_batches_load_ahead(setting, checkpointing, device, thread
     assert wants_prefetch(setting, checkpointing, device, threads=threads, cores=cores, processes=processes) is wanted
 
 
-def test_prefetch_on_refuses_activation_checkpointing_and_reads_a_bare_on() -> None:
+def test_the_side_thread_settings_read_a_bare_on_and_refuse_what_they_cannot_do() -> None:
     assert load_config(None, ["train.prefetch=on"]).train.prefetch == "on"  # YAML reads on as a boolean
+    assert load_config(None, ["train.teacher_thread=on"]).train.teacher_thread == "on"
+    with pytest.raises(ConfigError, match="train.teacher_thread"):
+        load_config(None, ["train.teacher_thread=always"])
     with pytest.raises(ConfigError, match="train.prefetch"):
         load_config(None, ["train.prefetch=on", "train.activation_checkpointing=encoder"])
     assert load_config(None, ["train.activation_checkpointing=encoder"]).train.prefetch == "auto"
@@ -207,11 +211,12 @@ def test_step_batches_refuse_a_step_out_of_order_and_close_waits_for_the_load() 
         pool.close()
 
 
-def _run_tiny(tmp_path: Path, name: str, overrides: list[str], iterations: int = 4,
-              wrap_next_batches: Optional[callable] = None) -> tuple[Trainer, Optional[BaseException]]:
+def _run_tiny(tmp_path: Path, name: str, overrides: list[str],
+              wrap_next_batches: Optional[Callable] = None) -> tuple[Trainer, Optional[BaseException]]:
+    """Four steps with a checkpoint after each; the trainer and what its run raised."""
     cfg = load_config(resolve_config_path("digits/default"),
-                      [*TINY, f"train.iterations={iterations}", f"train.eval_interval={iterations}",
-                       "train.checkpoint_interval=1", "train.device=cpu", *overrides])
+                      [*TINY, "train.iterations=4", "train.eval_interval=4", "train.checkpoint_interval=1",
+                       "train.device=cpu", *overrides])
     trainer = Trainer(cfg, tmp_path / name, show_progress=False)
     if wrap_next_batches is not None:
         trainer._next_batches = wrap_next_batches(trainer._next_batches)
@@ -236,8 +241,8 @@ def _thread_log(names: list[str]):
     (["method.name=scl", "train.grad_accum=2", "method.unlabeled_start=2"], 1),  # crosses the warm-up's end
     (["method.name=supervised"], 1),
 ])
-def test_the_trainer_with_and_without_prefetch_writes_the_same_checkpoint(tmp_path: Path, method: list[str],
-                                                                          first_step_loads: int) -> None:
+def test_the_trainer_with_and_without_the_side_thread_writes_the_same_checkpoint(tmp_path: Path, method: list[str],
+                                                                                 first_step_loads: int) -> None:
     names: dict[str, list[str]] = {}
     checkpoints = {}
     for prefetch, teacher in [("off", "off"), ("on", "off"), ("on", "on")]:
@@ -247,6 +252,7 @@ def test_the_trainer_with_and_without_prefetch_writes_the_same_checkpoint(tmp_pa
                                                   f"train.teacher_thread={teacher}"],
                                    wrap_next_batches=_thread_log(names[key]))
         assert error is None and (trainer.prefetch_thread is not None) == (prefetch == "on")
+        assert (trainer.teacher_thread is not None) == (teacher == "on" and "method.name=supervised" not in method)
         checkpoints[key] = torch.load(tmp_path / key / "step_4.pt", weights_only=True)
     for key in ("student", "teacher", "optimizer"):
         reference = _tensors(checkpoints["off-off"][key])
@@ -279,25 +285,6 @@ def test_a_loading_error_stops_the_run_at_the_same_step_with_and_without_prefetc
     assert outcomes["on"] == outcomes["off"]
     assert outcomes["off"][0] is ValueError and outcomes["off"][2] == 2
     assert outcomes["off"][3] == ["step_1.pt", "step_2.pt"]
-
-
-def test_the_trainer_with_and_without_the_teacher_thread_writes_the_same_checkpoint(tmp_path: Path) -> None:
-    def run(setting: str) -> tuple[dict, Trainer]:
-        cfg = load_config(resolve_config_path("digits/default"),
-                          [*TINY, "train.iterations=3", "train.eval_interval=3", "train.checkpoint_interval=3",
-                           "train.device=cpu", f"train.teacher_thread={setting}"])
-        assert cfg.train.teacher_thread == setting  # YAML reads a bare on/off as a boolean
-        trainer = Trainer(cfg, tmp_path / setting, show_progress=False)
-        trainer.run(evaluate=False)
-        return torch.load(tmp_path / setting / "step_3.pt", weights_only=True), trainer
-
-    (with_thread, trainer_on), (without, trainer_off) = run("on"), run("off")
-    assert trainer_on.teacher_thread is not None and trainer_off.teacher_thread is None
-    for key in ("student", "teacher", "optimizer"):
-        flat_a, flat_b = _tensors(with_thread[key]), _tensors(without[key])
-        assert len(flat_a) == len(flat_b) > 0 and all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), key
-    with pytest.raises(ConfigError, match="train.teacher_thread"):
-        load_config(None, ["train.teacher_thread=always"])
 
 
 def _tensors(obj) -> list[torch.Tensor]:

@@ -169,6 +169,7 @@ def train_step(
     device_type = micro[0]["image"].device.type
     no_sync = getattr(student, "no_sync", None)
     totals: dict[str, Tensor] = {}
+    beside: Optional[Future] = None
     teacher = mean_teacher.teacher if method.teacher == "ema" else _EvalModeView(unwrap(student))
     if method.teacher != "ema":
         teacher_thread = None
@@ -195,7 +196,7 @@ def train_step(
             totals[key] = value / count if key not in totals else totals[key] + value / count
     _optimizer_step(optimizer, scheduler, scaler)
     mean_teacher.update(student)
-    if beside_backward is not None:
+    if beside is not None:
         wait([beside])
     return totals
 

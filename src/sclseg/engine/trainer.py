@@ -287,9 +287,9 @@ class Trainer:
                                                       checkpoint=self.out_dir / f"step_{state.iteration}.pt")
         finally:
             batches.close()
-            for side in (self.teacher_thread, self.prefetch_thread):
-                if side is not None:
-                    side.close()
+            side = self.teacher_thread or self.prefetch_thread  # one thread serves both
+            if side is not None:
+                side.close()
             monitor.close()
             self.folder.close()
         if state.iteration < t.iterations:  # stopped by `until`
