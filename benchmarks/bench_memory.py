@@ -1,6 +1,6 @@
 """Peak memory and time of one full training step, per activation-checkpointing and AMP setting.
 
-One step is :func:`sclseg.engine.step.train_step` on synthetic batches of the crop size: the
+One step is the method's :meth:`~sclseg.methods.Method.step` on synthetic batches of the crop size: the
 teacher forward on the unlabeled images, the student forward+backward on the labeled and the
 mixed images, the losses of the config's method, the SGD step and the EMA update. The pieces are
 those of a :class:`sclseg.engine.trainer.Trainer` on synthetic data (model, EMA teacher, SGD +
@@ -51,7 +51,6 @@ import torch
 from bench_losses import CpuLoad, chosen_device, cpu_allocation_peaks, fmt_bytes, machine_info, sync, write_json
 from bench_step import synthetic_data
 from sclseg.config import load_config, resolve_config_path
-from sclseg.engine.step import train_step
 from sclseg.engine.trainer import Trainer
 from sclseg.models.checkpointing import CHECKPOINT_MODES
 from sclseg.teacher import unwrap
@@ -88,18 +87,16 @@ def synthetic_batches(trainer: Trainer, offset: int) -> tuple[dict, Optional[dic
     samples = [data.labeled[(offset + i) % len(data.labeled)] for i in range(d.batch_size)]
     batch = {"image": torch.stack([x["image"] for x in samples]).to(device),
              "mask": torch.stack([x["mask"] for x in samples]).to(device)}
-    if trainer.cfg.method.name == "supervised":
+    if not trainer.method.needs_unlabeled:
         return batch, None
-    images = [data.unlabeled[(offset + i) % len(data.unlabeled)]["image"] for i in range(d.unlabeled_batch_size)]
-    return batch, {"image": torch.stack(images).to(device)}
+    samples = [data.unlabeled[(offset + i) % len(data.unlabeled)] for i in range(d.unlabeled_batch_size)]
+    return batch, {"image": torch.stack([s["image"] for s in samples]).to(device),
+                   "ignore": torch.stack([s["ignore"] for s in samples]).to(device)}
 
 
 def one_step(trainer: Trainer, batch: dict, ubatch: Optional[dict]) -> dict[str, torch.Tensor]:
-    """:func:`sclseg.engine.step.train_step` with the trainer's pieces, unlabeled weight 1; its terms."""
-    return train_step(trainer.student, trainer.mean_teacher, trainer.optimizer, trainer.scheduler, [batch],
-               None if ubatch is None else [ubatch], method=trainer.cfg.method,
-               mask_generator=trainer.mask_generator, generator=trainer.generator, weight=1.0,
-               ignore_index=trainer.data.ignore_index, amp_dtype=trainer.amp_dtype, scaler=trainer.scaler)
+    """One step of the trainer's method at unlabeled weight 1; its terms."""
+    return trainer.method.step([batch], None if ubatch is None else [ubatch], 1.0)
 
 
 def measure(args, crop: tuple[int, int], checkpointing: str, amp: str, device: torch.device) -> dict:

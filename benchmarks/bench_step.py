@@ -4,7 +4,7 @@ For a config (a packaged name such as ``digits/default`` or a YAML path, plus ``
 overrides) and a method, the script builds a :class:`sclseg.engine.trainer.Trainer` in a
 temporary folder and measures:
 
-* ``loop``: ``--iters`` steps of :meth:`Trainer.run` itself (data streams, ``train_step``, the
+* ``loop``: ``--iters`` steps of :meth:`Trainer.run` itself (data streams, the method's step, the
   NaN watch, the metric window), timed by a step callback; no synchronisation inside, so GPU
   work overlaps the next step's host work as in training. Evaluation is off; logs and the
   checkpoint come after the timed steps.
@@ -20,11 +20,8 @@ temporary folder and measures:
 
 ``overhead_ratio = loop step time / network pass time``. The unlabeled terms run at full weight
 from the first step (``method.unlabeled_start=0``, ``method.rampup_iters=0``), so the timed steps
-are the semi-supervised steps. Where the trainer gives the EMA teacher a thread of its own
-(``train.teacher_thread``), the loop and ``train_step`` run the teacher's pass beside the
-student's, so either can take less than the network passes timed one after the other. Where it
-loads the next step's batches during the backward pass (``train.prefetch``), the loop hides most
-of ``data``, which is timed in the training thread, as a loop without prefetch loads them.
+are the semi-supervised steps. With data workers (``data.num_workers``), the loop overlaps most
+of ``data`` with the steps.
 
 ``--compete N`` runs N busy processes (one spinning Python loop each) beside the timed steps: the
 step time of a machine whose cores are shared, to choose ``train.threads`` for such machines.
@@ -143,12 +140,12 @@ def network_passes(trainer: Trainer, rounds: int) -> dict[str, list[float]]:
 
 def fresh_streams(trainer: Trainer) -> list[Stream]:
     """The streams a step reads, opened from this run's position: labeled (and unlabeled)."""
-    roles = ["labeled"] + (["unlabeled"] if trainer.cfg.method.name != "supervised" else [])
+    roles = ["labeled"] + (["unlabeled"] if trainer.method.needs_unlabeled else [])
     return [trainer._stream(role) for role in roles]
 
 
 def train_steps(trainer: Trainer, rounds: int) -> list[float]:
-    """Synchronised :meth:`Trainer.train_on` at full unlabeled weight on one step's batches."""
+    """Synchronised steps of the method at full unlabeled weight on one step's batches."""
     streams = fresh_streams(trainer)
     try:
         batches = [trainer._next_batches(stream) for stream in streams]
@@ -160,7 +157,7 @@ def train_steps(trainer: Trainer, rounds: int) -> list[float]:
     for _ in range(rounds):
         sync(trainer.device)
         t0 = time.perf_counter()
-        trainer.train_on(labeled, unlabeled, 0.0 if unlabeled is None else 1.0)
+        trainer.method.step(labeled, unlabeled, 0.0 if unlabeled is None else 1.0)
         sync(trainer.device)
         times.append(time.perf_counter() - t0)
     return times

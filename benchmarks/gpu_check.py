@@ -3,7 +3,7 @@
 Stages (each a subprocess with its own time limit; a failed stage is recorded and the rest run):
 
 1. ``cuda_tests``: the tests that need CUDA (``pytest -k cuda``; they skip without a GPU).
-2. ``train_steps``: a few :func:`sclseg.engine.step.train_step` calls of every paper-scale model
+2. ``train_steps``: a few steps of the method (:meth:`sclseg.methods.Method.step`) of every paper-scale model
    (``sclseg.models.MODEL_NAMES`` without ``compact``) in float32, bfloat16 and float16 with a
    GradScaler, on synthetic Cityscapes-size crops (800x800, 1 labeled + 2 unlabeled): losses
    finite, weights changed, step time and peak memory (``python gpu_check.py steps``). The

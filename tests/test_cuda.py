@@ -134,7 +134,7 @@ def test_cuda_the_state_comparison_detects_a_lost_random_state(data, dropout_mod
     Trainer(cfg, straight, data=data, show_progress=False).run(until=3)
     trainer = Trainer(cfg, resumed, data=data, show_progress=False, resume=straight / "step_2.pt")
     if scramble == "cutmix_generator":
-        trainer.generator.manual_seed(12345)
+        trainer.method.generator.manual_seed(12345)
     else:
         torch.cuda.manual_seed(12345)
     trainer.run(until=3)

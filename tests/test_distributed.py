@@ -30,11 +30,10 @@ from torch import nn
 import sclseg.engine.trainer as trainer_module
 from sclseg.cli import main
 from sclseg.config import load_config, resolve_config_path
-from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint
-from sclseg.engine.step import train_step
 from sclseg.engine.trainer import Trainer
+from sclseg.methods import build_method
 from sclseg.teacher import MeanTeacher
 from tiny_config import TINY
 
@@ -75,11 +74,9 @@ def _torchrun(tmp_path: Path, *args: str, nproc: int = 2, timeout: float = 120.0
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """The same 4 steps as 2 processes x batch 2 (torchrun, Gloo) and as 1 process x batch 4; the two
-    processes load each next step's batches during the backward pass and its gradient all-reduce."""
+    """The same 4 steps as 2 processes x batch 2 (torchrun, Gloo) and as 1 process x batch 4."""
     root = tmp_path_factory.mktemp("ddp")
-    result = _torchrun(root, "train", "digits/default", "--out", str(root / "two"), *DDP, "data.batch_size=2",
-                       "train.prefetch=on")
+    result = _torchrun(root, "train", "digits/default", "--out", str(root / "two"), *DDP, "data.batch_size=2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     mp = pytest.MonkeyPatch()
     create = trainer_module.create_model
@@ -185,18 +182,15 @@ def test_amp_runs_on_cpu_with_float32_losses(data, tmp_path, amp) -> None:
     trainer = Trainer(_cfg(*TINY, "method.name=scl", f"train.amp={amp}", "train.iterations=3", "train.log_interval=1",
                            "train.eval_interval=3", "train.checkpoint_interval=3"), out, data=data, show_progress=False)
     seen = []
-    original = trainer_module.train_step
+    original = trainer.method.step
 
     def spy(*args, **kwargs):
         terms = original(*args, **kwargs)
         seen.append({k: v.dtype for k, v in terms.items()})
         return terms
 
-    trainer_module.train_step = spy
-    try:
-        trainer.run()
-    finally:
-        trainer_module.train_step = original
+    trainer.method.step = spy
+    trainer.run()
     assert all(dtype == torch.float32 for step in seen for dtype in step.values())
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["kind"] == "train")
@@ -218,9 +212,9 @@ def test_gradient_accumulation_equals_the_double_batch() -> None:
         teacher = MeanTeacher(model, 0.9)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
+        method = build_method(cfg, model, teacher, optimizer, scheduler, generator=torch.Generator())
         for _ in range(2):
-            terms = train_step(model, teacher, optimizer, scheduler, batches, None, method=cfg.method,
-                               mask_generator=BoxMaskGenerator(4))
+            terms = method.step(batches, None, 0.0)
         return model, terms
 
     whole, terms_whole = run([{"image": images, "mask": labels}])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -14,15 +13,11 @@ from PIL import Image
 
 from sclseg.cli import main
 from sclseg.config import ConfigError, load_config, resolve_config_path
-from sclseg.cutmix import BoxMaskGenerator, mix
 from sclseg.data import build_data
 from sclseg.data.digits import DIGIT_CLASSES
 from sclseg.engine.optim import build_optimizer
-from sclseg.engine.step import compute_loss, train_step, unlabeled_weight
-from sclseg.losses import structured_consistency_loss
 from sclseg.metrics import ConfusionMatrix
 from sclseg.models import create_model
-from sclseg.teacher import MeanTeacher
 from tiny_config import TINY as SHARED_TINY
 
 TINY = [
@@ -106,54 +101,6 @@ def test_wrong_value_type_is_an_error_naming_the_key() -> None:
         load_config(None, ["method.name=mixmatch"])
 
 
-def _tiny_setup(method: str):
-    cfg = load_config(resolve_config_path("digits/default"), [*TINY, f"method.name={method}"])
-    data = build_data(cfg)
-    torch.manual_seed(0)
-    model = create_model(cfg.model, data.num_classes)
-    images = torch.stack([data.labeled[i]["image"] for i in range(4)])
-    labels = torch.stack([data.labeled[i]["mask"] for i in range(4)])
-    unlabeled = torch.stack([data.unlabeled[i]["image"] for i in range(4)])
-    return cfg, model, images, labels, unlabeled
-
-
-@pytest.mark.parametrize("method", ["supervised", "cl", "scl"])
-def test_step_lowers_its_loss_on_a_fixed_batch(method: str) -> None:
-    cfg, model, images, labels, unlabeled = _tiny_setup(method)
-    teacher = MeanTeacher(model, 0.9)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    masks = BoxMaskGenerator(cfg.method.n_boxes)
-
-    def loss_at_fixed_seed() -> float:
-        model.train()
-        with torch.no_grad():
-            loss, _ = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
-                                   mask_generator=masks, generator=torch.Generator().manual_seed(7))
-        return float(loss)
-
-    before = loss_at_fixed_seed()
-    for _ in range(15):
-        loss, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
-                                   mask_generator=masks, generator=torch.Generator().manual_seed(7))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        teacher.update(model)
-    assert set(terms) == {"supervised": {"loss", "loss_x"}, "cl": {"loss", "loss_x", "loss_c"},
-                          "scl": {"loss", "loss_x", "loss_c", "loss_sc"}}[method]
-    assert loss_at_fixed_seed() < before
-
-
-def test_unlabeled_weight_warm_up_and_ramp() -> None:
-    cfg = load_config(None, ["method.unlabeled_start=10", "method.rampup_iters=100"])
-    assert unlabeled_weight(cfg.method, 5) == 0.0
-    assert unlabeled_weight(cfg.method, 10) == pytest.approx(np.exp(-5.0))
-    assert unlabeled_weight(cfg.method, 60) == pytest.approx(np.exp(-5.0 * 0.25))
-    assert unlabeled_weight(cfg.method, 500) == 1.0
-    cfg.method.name = "supervised"
-    assert unlabeled_weight(cfg.method, 500) == 0.0
-
-
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_optimizer_matches_the_per_parameter_sgd_bit_for_bit_and_decays_poly(nesterov: bool) -> None:
     cfg = load_config(None, ["model.width=8", "optim.lr=0.1", "optim.poly_power=0.9", "optim.weight_decay=0.001",
@@ -228,52 +175,6 @@ def test_exponent_floats_without_a_dot_are_numbers() -> None:
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)
 
 
-def test_confidence_threshold_masks_the_pixel_consistency() -> None:
-    cfg, model, images, labels, unlabeled = _tiny_setup("cl")
-    teacher = MeanTeacher(model, 0.9)
-    masks = BoxMaskGenerator(cfg.method.n_boxes)
-
-    def loss_c(confidence):
-        cfg.method.confidence = confidence
-        model.eval()  # deterministic forward passes
-        _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
-                                mask_generator=masks, generator=torch.Generator().manual_seed(3))
-        return float(terms["loss_c"])
-
-    assert loss_c(0.0) == pytest.approx(loss_c(None))  # every top probability exceeds 0
-    assert loss_c(1.0) == 0.0  # no pixel is that confident: the term is empty
-
-
-def test_sc_confident_only_drops_the_unconfident_pixels_from_every_region() -> None:
-    cfg, model, images, labels, unlabeled = _tiny_setup("scl")
-    teacher = MeanTeacher(model, 0.9)
-    masks = BoxMaskGenerator(cfg.method.n_boxes)
-    cfg.method.max_pairs = None  # every pair: the loss is a function of the regions alone
-    model.eval()
-
-    def loss_sc(confidence, only):
-        cfg.method.confidence, cfg.method.sc_confident_only = confidence, only
-        _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
-                                mask_generator=masks, generator=torch.Generator().manual_seed(3))
-        return float(terms["loss_sc"])
-
-    # by hand: the same owner map and maps, with the pixels under the threshold given owner -1
-    owner = masks(unlabeled.shape[0], *unlabeled.shape[-2:], torch.Generator().manual_seed(3), device=unlabeled.device)
-    with torch.no_grad():
-        probs = teacher.teacher(unlabeled).float().softmax(1)
-        target = mix(probs, probs.roll(1, 0), owner)
-        student = model(mix(unlabeled, unlabeled.roll(1, 0), owner)).float().softmax(1)
-    threshold = float(target.amax(1).median())
-    kept = owner.masked_fill(target.amax(1) <= threshold, -1)
-    by_hand = structured_consistency_loss(student, target, kept, n_boxes=cfg.method.n_boxes,
-                                          last_boxes=cfg.method.last_boxes, max_pairs=None)
-    assert loss_sc(threshold, True) == pytest.approx(float(by_hand), rel=1e-5)
-    assert loss_sc(threshold, False) == pytest.approx(loss_sc(None, False))  # the mask alone leaves L_sc as it is
-    assert loss_sc(threshold, True) != pytest.approx(loss_sc(threshold, False))
-    with pytest.raises(ConfigError, match="method.sc_confident_only"):
-        load_config(None, ["method.sc_confident_only=true"])
-
-
 def test_dry_run_builds_everything_and_runs_one_step(tmp_path: Path) -> None:
     assert main(["train", "digits/default", "--out", str(tmp_path / "r"), "--dry-run", *TINY]) == 0
     run = tmp_path / "r" / "dry_run"
@@ -287,53 +188,3 @@ def test_dry_run_builds_everything_and_runs_one_step(tmp_path: Path) -> None:
     for line in (run / "metrics.jsonl").read_text().splitlines():
         strict(line)
 
-
-def test_pair_sampling_reaches_the_structured_loss() -> None:
-    cfg, model, images, labels, unlabeled = _tiny_setup("scl")
-    teacher = MeanTeacher(model, 0.9)
-    cfg.method.max_pairs = 4  # every region larger than 2 pixels is sampled
-    masks = BoxMaskGenerator(cfg.method.n_boxes)
-    model.train()  # batch statistics: the untrained student's maps differ from its eval-mode copy's
-
-    def loss_sc(sampling: str) -> float:
-        cfg.method.pair_sampling = sampling
-        torch.manual_seed(0)  # the same dropout for both
-        _, terms = compute_loss(model, teacher.teacher, images, labels, unlabeled, method=cfg.method,
-                                mask_generator=masks, generator=torch.Generator().manual_seed(3))
-        return float(terms["loss_sc"])
-
-    pairs, pixels = loss_sc("pairs"), loss_sc("pixels")
-    assert pairs > 0 and pixels > 0 and pairs != pixels  # the two estimators draw differently
-    with pytest.raises(ConfigError, match="method.pair_sampling"):
-        load_config(None, ["method.pair_sampling=boxes"])
-
-
-def test_student_as_teacher_trains_as_a_zero_decay_ema_and_keeps_the_ema_for_evaluation() -> None:
-    """``method.teacher: student`` guesses labels with the student in eval mode; the student it
-    trains is, bit for bit, the one an EMA of decay 0 (an exact copy) trains, and the EMA of the
-    configured decay is still kept, apart from it."""
-    cfg, model, images, labels, unlabeled = _tiny_setup("scl")
-    batch, ubatch = {"image": images, "mask": labels}, {"image": unlabeled}
-
-    def train(teacher: str, decay: float) -> tuple[torch.nn.Module, MeanTeacher]:
-        cfg.method.teacher = teacher
-        student = copy.deepcopy(model)
-        mean_teacher = MeanTeacher(student, decay)
-        optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        masks, generator = BoxMaskGenerator(cfg.method.n_boxes), torch.Generator().manual_seed(5)
-        torch.manual_seed(0)  # the decoder's dropout draws from the global generator
-        for _ in range(3):
-            train_step(student, mean_teacher, optimizer, scheduler, [batch], [ubatch], method=cfg.method,
-                       mask_generator=masks, generator=generator)
-        assert student.training  # the teacher's eval-mode pass leaves the student in train mode
-        return student, mean_teacher
-
-    own, kept = train("student", 0.9)
-    copied, _ = train("ema", 0.0)
-    own_state, copied_state = own.state_dict(), copied.state_dict()
-    assert all(torch.equal(own_state[k], copied_state[k]) for k in own_state)
-    ema_state = kept.teacher.state_dict()
-    assert any(not torch.equal(ema_state[k], own_state[k]) for k in own_state if own_state[k].is_floating_point())
-    with pytest.raises(ConfigError, match="method.teacher"):
-        load_config(None, ["method.teacher=previous"])

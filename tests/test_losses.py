@@ -945,3 +945,64 @@ def test_cuda_sampled_and_bf16_and_device_errors():
         structured_consistency_loss(s, t, owner, n_boxes=8, last_boxes=4, max_pairs=4, generator=gen(0))
     with pytest.raises(ValueError, match="target"):
         relaxed_boundary_loss(s.float(), torch.zeros(2, 6, 6, dtype=torch.long))
+
+
+def test_pseudo_label_loss_is_the_masked_cross_entropy_to_the_teachers_confident_labels() -> None:
+    """Pixel by pixel: CE to the teacher's argmax where its top probability is >= threshold and the
+    pixel is not padding, summed and divided by the count of pixels that are not padding."""
+    from sclseg.losses import pseudo_label_loss
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 3, 5, generator=gen, requires_grad=True)
+    teacher = torch.randn(2, 4, 3, 5, generator=gen) * 3
+    ignore = torch.zeros(2, 3, 5, dtype=torch.long)
+    ignore[0, 0] = 255
+    total, count = 0.0, 0
+    for b in range(2):
+        for y in range(3):
+            for x in range(5):
+                if ignore[b, y, x] == 255:
+                    continue
+                count += 1
+                p = teacher[b, :, y, x].softmax(0)
+                if p.max() >= 0.6:
+                    total += -torch.log_softmax(student[b, :, y, x], 0)[p.argmax()]
+    by_hand = total / count
+    loss = pseudo_label_loss(student, teacher, ignore, threshold=0.6)
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+    grad, = torch.autograd.grad(loss, student)
+    grad_by_hand, = torch.autograd.grad(by_hand, student)
+    assert torch.allclose(grad, grad_by_hand, atol=1e-7)
+    everywhere = pseudo_label_loss(student, teacher, threshold=0.0)
+    assert float(everywhere) == pytest.approx(float(F.cross_entropy(student, teacher.argmax(1))), rel=1e-6)
+
+
+def _ohem_by_sorting(logits: torch.Tensor, target: torch.Tensor, threshold: float, min_kept: int) -> torch.Tensor:
+    """TorchSemiSeg's OHEM written from its definition: sort the own-class probabilities (ignored
+    pixels at 1), cut at the threshold or at the min_kept-th smallest when that is larger."""
+    flat = target.flatten()
+    valid = flat != 255
+    if min_kept == 0 or min_kept > int(valid.sum()):  # the reference mines only with min_kept > 0
+        return F.cross_entropy(logits, target, ignore_index=255)
+    probs = logits.softmax(1).permute(1, 0, 2, 3).reshape(logits.shape[1], -1)
+    own = torch.tensor([1.0 if not v else float(probs[t, i]) for i, (t, v) in enumerate(zip(flat, valid))])
+    ordered = sorted(own.tolist())
+    cut = max(threshold, ordered[min(len(ordered), min_kept) - 1])
+    keep = valid & (own <= cut)
+    return F.cross_entropy(logits, torch.where(keep, flat, 255).view_as(target), ignore_index=255)
+
+
+@pytest.mark.parametrize("min_kept", [0, 5, 40, 1000])
+def test_ohem_cross_entropy_keeps_the_hard_pixels_as_torchsemiseg_does(min_kept: int) -> None:
+    from sclseg.losses import ohem_cross_entropy
+
+    gen = torch.Generator().manual_seed(min_kept)
+    logits = (torch.randn(2, 3, 6, 7, generator=gen) * 2).requires_grad_()
+    target = torch.randint(0, 3, (2, 6, 7), generator=gen)
+    target[0, :2] = 255
+    loss = ohem_cross_entropy(logits, target, threshold=0.7, min_kept=min_kept)
+    by_hand = _ohem_by_sorting(logits, target, 0.7, min_kept)
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-6)
+    grad, = torch.autograd.grad(loss, logits)
+    grad_by_hand, = torch.autograd.grad(by_hand, logits)
+    assert torch.allclose(grad, grad_by_hand, atol=1e-7)

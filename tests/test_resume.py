@@ -132,7 +132,7 @@ def test_the_comparison_detects_a_lost_random_state(reference, data, dropout_mod
     if scramble == "global_rng":
         torch.manual_seed(12345)
     elif scramble == "cutmix_generator":
-        trainer.generator.manual_seed(12345)
+        trainer.method.generator.manual_seed(12345)
     else:
         trainer.state.stream_offsets = {role: -trainer.state.iteration for role in ("labeled", "unlabeled")}
     trainer.run()

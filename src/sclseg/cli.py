@@ -304,7 +304,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _comparison_args(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     """``--methods`` and ``--seeds``, with any ``key=value`` overrides they swallowed moved to ``args.overrides``."""
-    from sclseg.demo import METHODS
+    from sclseg.methods import METHODS
 
     taken = [item for item in [*args.methods, *args.seeds] if "=" in item]
     args.overrides = [*taken, *args.overrides]
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store the floating tensors as float16")
     p.set_defaults(func=_cmd_export)
 
-    methods_help = "methods to compare (default: supervised cl scl)"
+    methods_help = "methods to compare (default: supervised cl scl; any method.name, e.g. fixmatch fixmatch_scl)"
     seeds_help = "train seeds; each method runs once per seed, paired by seed (default: 0)"
     p = sub.add_parser("demo", help="supervised vs cl vs scl on the embedded digit scenes")
     p.add_argument("--out", default="runs/demo")

@@ -41,9 +41,6 @@ __all__ = [
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
-Method = Literal["supervised", "cl", "scl"]
-
-
 class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
 
@@ -138,9 +135,10 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Section 1 of the design; defaults are the paper's values."""
+    """The training method (``sclseg.methods``); defaults are the paper's values, and UniMatch's for
+    the keys of the weak-to-strong methods."""
 
-    name: Method = "scl"
+    name: str = "scl"  # supervised, cl, scl, fixmatch, unimatch_v1, unimatch_v2, or one of the last three + _scl
     n_boxes: int = 32  # N
     box_area: float = 0.5
     last_boxes: int = 16  # N_box
@@ -155,6 +153,12 @@ class MethodConfig:
     unlabeled_start: int = 0  # supervised warm-up steps before the unlabeled terms start (their unlabeled batches are skipped, not loaded)
     confidence: Optional[float] = None  # L_c only where the teacher's top probability exceeds this (None: everywhere, as the paper)
     sc_confident_only: bool = False  # L_sc only among the pixels that mask keeps (False: every box pixel, as the paper)
+    labeled_loss: Literal["relaxed", "ce", "ohem"] = "relaxed"  # relaxed: CE with boundary relaxation (relax_window); ohem: UniMatch's
+    ohem_threshold: float = 0.7  # ohem: pixels whose own-class probability is at most this count ...
+    ohem_min_kept: int = 200000  # ... or the min_kept hardest, when that threshold keeps fewer
+    threshold: float = 0.95  # fixmatch / unimatch: pseudo-labels where the teacher's top probability is at least this
+    ema_warmup: Optional[bool] = None  # EMA rate min(1 - 1/(t+1), ema_decay); null: the method's own (fixmatch, unimatch_v2: on)
+    cutmix_prob: float = 0.5  # fixmatch / unimatch: probability that a strong view gets its CutMix box
 
 
 @dataclass
@@ -184,8 +188,6 @@ class TrainConfig:
     activation_checkpointing: Literal["off", "encoder", "all"] = "off"  # recompute encoder blocks (and the decoder: all) in backward to save memory
     channels_last: bool = False  # NHWC memory format for the model and its inputs
     compile: bool = False  # torch.compile the student (slow first steps; mostly for GPUs)
-    teacher_thread: Literal["auto", "on", "off"] = "auto"  # EMA teacher's forward beside the student's; auto: on a CPU with a core to spare
-    prefetch: Literal["auto", "on", "off"] = "auto"  # next step's batches loaded beside the backward pass; auto: likewise
     sync_bn: bool = True  # synchronize the student's BatchNorm statistics across processes (DDP)
 
 
@@ -365,13 +367,13 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def _validate_data(d: DataConfig, method: str) -> None:
+def _validate_data(d: DataConfig, needs_unlabeled: bool) -> None:
     _check(len(d.crop_size) == 2 and all(v >= 1 for v in d.crop_size), "data.crop_size", "[height, width] >= 1",
            d.crop_size)
     _check(len(d.scale_range) == 2 and 0 < d.scale_range[0] <= d.scale_range[1], "data.scale_range",
            "[low, high] with 0 < low <= high", d.scale_range)
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
-    if method != "supervised":
+    if needs_unlabeled:
         _check(d.unlabeled_batch_size >= 2, "data.unlabeled_batch_size", ">= 2 (unlabeled images are mixed in pairs)",
                d.unlabeled_batch_size)
     _check(d.num_workers >= 0, "data.num_workers", ">= 0", d.num_workers)
@@ -405,6 +407,13 @@ def _validate_data(d: DataConfig, method: str) -> None:
 
 
 def _validate_method(m: MethodConfig) -> None:
+    from sclseg.methods import method_class  # the registry imports this module
+
+    method_class(m.name)
+    _check(0 <= m.threshold <= 1, "method.threshold", "a probability in [0, 1]", m.threshold)
+    _check(0 <= m.ohem_threshold <= 1, "method.ohem_threshold", "a probability in [0, 1]", m.ohem_threshold)
+    _check(m.ohem_min_kept >= 0, "method.ohem_min_kept", ">= 0", m.ohem_min_kept)
+    _check(0 <= m.cutmix_prob <= 1, "method.cutmix_prob", "a probability in [0, 1]", m.cutmix_prob)
     _check(m.n_boxes >= 1, "method.n_boxes", ">= 1", m.n_boxes)
     _check(1 <= m.last_boxes <= m.n_boxes, "method.last_boxes", f"1..method.n_boxes ({m.n_boxes})", m.last_boxes)
     _check(0 < m.box_area < 1, "method.box_area", "a share of the image in (0, 1)", m.box_area)
@@ -433,9 +442,6 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
     _check(bool(_DEVICE.match(t.device)), "train.device", "auto, cpu, cuda or cuda:N", t.device)
     _check(t.threads is None or t.threads >= 1, "train.threads", "None or >= 1", t.threads)
-    _check(t.prefetch != "on" or t.activation_checkpointing == "off", "train.prefetch",
-           "auto or off with train.activation_checkpointing (its replay in the backward pass resets the random "
-           "state that loading the next batches draws from)", t.prefetch)
     _check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), "eval.scales", "a non-empty list of scales > 0",
            e.scales)
     _check(e.tile is None or (len(e.tile) == 2 and all(v >= 1 for v in e.tile)), "eval.tile",
@@ -450,6 +456,8 @@ def validate(cfg: Config) -> None:
 
     Runs once, when a config is loaded, before any data is touched.
     """
-    _validate_data(cfg.data, cfg.method.name)
     _validate_method(cfg.method)
+    from sclseg.methods import method_class
+
+    _validate_data(cfg.data, method_class(cfg.method.name).needs_unlabeled)
     _validate_training(cfg.optim, cfg.train, cfg.eval)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["sample_boxes", "box_owner_map", "BoxMaskGenerator", "mix"]
+__all__ = ["sample_boxes", "box_owner_map", "BoxMaskGenerator", "OneBoxGenerator", "mix"]
 
 _MAX_AXIS_COVERAGE = 0.9  # keeps the extent L = u / (1 - u) of the largest boxes finite
 
@@ -167,6 +167,62 @@ class BoxMaskGenerator:
         """
         boxes = self.sample_boxes(batch_size, height, width, generator, device=device)
         return _owner_maps(boxes, height, width)
+
+
+class OneBoxGenerator:
+    """UniMatch's CutMix box (``obtain_cutmix_box`` of UniMatch V1/V2), batched: owner maps with
+    0 inside one box and -1 elsewhere.
+
+    Per image: with probability ``1 - prob`` no box; else an area ``s`` uniform in ``area`` (a
+    share of ``H * W``), then candidates until one fits: aspect ``r`` uniform in ``aspect``, width
+    ``int(sqrt(s / r))``, height ``int(sqrt(s * r))``, top-left ``x`` uniform in ``0..W-1``, ``y`` in
+    ``0..H-1``, kept when ``x + w <= W`` and ``y + h <= H``. ``tries`` candidates are drawn per image
+    at once on the generator's device (more follow in the rare case that none fits), so a batch
+    needs no per-candidate round trip to the host.
+
+    >>> owner = OneBoxGenerator()(4, 64, 64)   # LongTensor (4, 64, 64): 0 in the box, -1 elsewhere
+    """
+
+    def __init__(self, prob: float = 0.5, area: tuple[float, float] = (0.02, 0.4),
+                 aspect: tuple[float, float] = (0.3, 1 / 0.3), tries: int = 64) -> None:
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"prob must be in [0, 1], got {prob!r}")
+        if not 0.0 < area[0] <= area[1] < 1.0:
+            raise ValueError(f"area must be (low, high) with 0 < low <= high < 1, got {area!r}")
+        if not 0.0 < aspect[0] <= aspect[1]:
+            raise ValueError(f"aspect must be (low, high) with 0 < low <= high, got {aspect!r}")
+        self.prob, self.area, self.aspect, self.tries = float(prob), tuple(area), tuple(aspect), int(tries)
+
+    def __repr__(self) -> str:
+        return f"OneBoxGenerator(prob={self.prob}, area={self.area}, aspect={self.aspect})"
+
+    def sample_boxes(self, batch_size: int, height: int, width: int, generator: Optional[torch.Generator] = None,
+                     *, device: Optional[torch.device | str] = None) -> Tensor:
+        """Boxes ``(batch_size, 1, 4)`` as ``(y0, x0, y1, x1)`` rows; an image without a box has an empty row."""
+        _check_sizes(1, height, width, 0.5)
+        dev = generator.device if generator is not None else torch.device(device or "cpu")
+        opts = {"generator": generator, "device": dev, "dtype": torch.float64}
+        has_box = torch.rand(batch_size, **opts) < self.prob
+        size = (self.area[0] + (self.area[1] - self.area[0]) * torch.rand(batch_size, 1, **opts)) * height * width
+        boxes = torch.zeros(batch_size, 4, dtype=torch.long, device=dev)
+        placed = ~has_box
+        while not bool(placed.all()):
+            u = torch.rand(batch_size, self.tries, 3, **opts)
+            ratio = self.aspect[0] + (self.aspect[1] - self.aspect[0]) * u[..., 0]
+            box_w, box_h = torch.sqrt(size / ratio).floor().long(), torch.sqrt(size * ratio).floor().long()
+            x, y = (u[..., 1] * width).floor().long(), (u[..., 2] * height).floor().long()
+            fits = (x + box_w <= width) & (y + box_h <= height)
+            first = torch.where(fits, torch.arange(self.tries, 0, -1, device=dev), 0).argmax(dim=1, keepdim=True)
+            pick = torch.stack([y, x, y + box_h, x + box_w], dim=-1).gather(1, first[..., None].expand(-1, -1, 4))[:, 0]
+            new = ~placed & fits.any(dim=1)
+            boxes = torch.where(new[:, None], pick, boxes)
+            placed = placed | new
+        return boxes[:, None]
+
+    def __call__(self, batch_size: int, height: int, width: int, generator: Optional[torch.Generator] = None,
+                 *, device: Optional[torch.device | str] = None) -> Tensor:
+        """Owner maps: LongTensor ``(batch_size, height, width)``, 0 inside the box, -1 elsewhere."""
+        return _owner_maps(self.sample_boxes(batch_size, height, width, generator, device=device), height, width)
 
 
 def mix(a: Tensor, b: Tensor, owner: Tensor) -> Tensor:

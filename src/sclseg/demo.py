@@ -40,12 +40,14 @@ from sclseg.data import DataBundle, build_data, palette_array
 from sclseg.engine.evaluate import evaluate_model
 from sclseg.engine.inference import predict_probs
 from sclseg.engine.trainer import Trainer
+from sclseg.methods import METHODS, method_class
 from sclseg.stats import describe, interval_verdict, paired_difference
 from sclseg.viz import colorize, comparison_grid, learning_curves
 
-__all__ = ["Entry", "METHODS", "parse_variant", "run_comparison", "run_demo", "summarize_runs", "write_summary"]
+__all__ = ["DEMO_METHODS", "Entry", "parse_variant", "run_comparison", "run_demo", "summarize_runs", "write_summary"]
 
-METHODS = ("supervised", "cl", "scl")
+#: The methods ``make demo`` compares (``sclseg compare`` takes any of :data:`sclseg.methods.METHODS`).
+DEMO_METHODS = ("supervised", "cl", "scl")
 DEMO_CONFIG = "digits/default"
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+]*")
 _RUN_DIR = re.compile(r"(?P<label>.+)_seed(?P<seed>\d+)")
@@ -78,7 +80,7 @@ def parse_variant(text: str) -> Entry:
 
 
 def _order(labels: Sequence[str]) -> list[str]:
-    """The methods in supervised, cl, scl order, then the other labels alphabetically."""
+    """The methods in the registry's order, then the other labels alphabetically."""
     known = [m for m in METHODS if m in labels]
     return known + sorted(label for label in labels if label not in METHODS)
 
@@ -106,7 +108,7 @@ def run_comparison(
     config: str,
     out: Path,
     *,
-    entries: Sequence[Entry] = tuple(Entry.method(m) for m in METHODS),
+    entries: Sequence[Entry] = tuple(Entry.method(m) for m in DEMO_METHODS),
     seeds: Sequence[int] = (0,),
     split: str = "test",
     overrides: Sequence[str] = (),
@@ -137,9 +139,10 @@ def run_comparison(
             raise ConfigError(f"--split {split}: not available; the data has {sorted(bundle.eval_splits)}")
         return bundle
 
-    groups: dict[tuple[str, ...], list[Entry]] = {}
-    for entry in entries:
-        groups.setdefault(entry.warm_up_group(), []).append(entry)
+    groups: dict[tuple, list[Entry]] = {}
+    for entry in entries:  # the teacher's EMA rule shapes the warm-up's teacher: only equal rules share it
+        m = configs[entry.label][seeds[0]].method
+        groups.setdefault((entry.warm_up_group(), method_class(m.name).uses_ema_warmup(m)), []).append(entry)
     last_models, last_test = {}, None
     for seed in seeds:
         for group in groups.values():
@@ -190,7 +193,7 @@ def run_comparison(
 
 
 def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
-             methods: Sequence[str] = METHODS) -> dict:
+             methods: Sequence[str] = DEMO_METHODS) -> dict:
     """supervised vs cl vs scl on the embedded digit scenes, scored on the test scenes."""
     return run_comparison(DEMO_CONFIG, out, entries=[Entry.method(m) for m in methods], seeds=seeds, overrides=overrides)
 

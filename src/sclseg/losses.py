@@ -1,4 +1,6 @@
-"""The three losses of the method: Eq. 2 (relaxed CE), Eq. 4 (pixel consistency), Eq. 5-10 (SCL).
+"""The losses: the paper's three, Eq. 2 (relaxed CE), Eq. 4 (pixel consistency), Eq. 5-10 (SCL), and
+the two of the weak-to-strong methods (FixMatch, UniMatch): the confidence-masked pseudo-label
+cross-entropy and UniMatch's OHEM cross-entropy for labeled images.
 
 All losses accept float32, bfloat16 or float16 inputs and accumulate in float32. None of them
 detaches its inputs: the caller computes teacher outputs under ``torch.no_grad()``.
@@ -39,6 +41,8 @@ __all__ = [
     "structured_consistency_loss",
     "relaxed_boundary_loss",
     "dense_structured_consistency_loss",
+    "pseudo_label_loss",
+    "ohem_cross_entropy",
 ]
 
 _EPS = 1e-8
@@ -592,3 +596,68 @@ def _window_classes(classes: Tensor, valid: Tensor, window: int, where: Tensor, 
     neighbours = label.reshape(-1)[around[:, None] + centre]  # (window^2, K)
     present = torch.zeros(channels + 1, where.numel(), dtype=torch.bool, device=where.device)
     return present.scatter_(0, neighbours, True)[:channels]
+
+
+def pseudo_label_loss(student_logits: Tensor, teacher_logits: Tensor, ignore_mask: Optional[Tensor] = None, *,
+                      threshold: float = 0.95) -> Tensor:
+    """The unlabeled loss of FixMatch and UniMatch: cross-entropy to the teacher's hard labels where
+    the teacher is confident, over the pixels that are not padding.
+
+    With ``conf, label = softmax(teacher_logits).max(1)`` and ``valid = ignore_mask != 255``
+    (every pixel when ``ignore_mask`` is None)::
+
+        sum(CE(student_logits, label) * (conf >= threshold) * valid) / count(valid)
+
+    (0, in the graph, when no pixel is valid). The teacher's maps come already mixed as the
+    student's images were (labels, confidences and ignore map share one CutMix box).
+
+    Args:
+        student_logits: ``(B, C, H, W)``.
+        teacher_logits: ``(B, C, H, W)``, computed under ``torch.no_grad``.
+        ignore_mask: ``(B, H, W)``, 255 where a pixel is padding.
+    """
+    _check_prob_pair(student_logits, teacher_logits)
+    conf, label = teacher_logits.float().softmax(dim=1).max(dim=1)
+    valid = None if ignore_mask is None else ignore_mask != 255
+    return masked_pseudo_label_loss(student_logits, label, conf >= threshold, valid)
+
+
+def masked_pseudo_label_loss(student_logits: Tensor, label: Tensor, confident: Tensor,
+                             valid: Optional[Tensor] = None) -> Tensor:
+    """:func:`pseudo_label_loss` from the teacher's labels ``(B, H, W)`` and its confidence mask
+    ``(B, H, W)`` bool (the methods keep the teacher's probabilities for other terms)."""
+    per_pixel = F.cross_entropy(student_logits.float(), label, reduction="none")
+    keep = confident if valid is None else confident & valid
+    count = per_pixel.new_tensor(float(label.numel())) if valid is None else valid.sum().clamp_min(1).float()
+    return (per_pixel * keep).sum() / count
+
+
+def ohem_cross_entropy(logits: Tensor, target: Tensor, *, threshold: float = 0.7, min_kept: int = 200000,
+                       ignore_index: int = 255) -> Tensor:
+    """Online hard example mining cross-entropy: UniMatch's ``ProbOhemCrossEntropy2d`` (TorchSemiSeg's).
+
+    With ``p_i`` the softmax probability of pixel i's own class: when ``min_kept > 0`` and there
+    are at least ``min_kept`` valid pixels, only the pixels with ``p_i <= t`` count, where ``t`` is
+    ``threshold``, or the ``min_kept``-th smallest ``p_i`` (over all pixels, ignored ones at 1)
+    when that is larger; otherwise every valid pixel counts (the reference's ``min_kept = 0``
+    mines nothing). The loss is the mean
+    cross-entropy over the pixels that count.
+
+    Args:
+        logits: ``(B, C, H, W)``.
+        target: ``(B, H, W)`` class indices in ``[0, C)`` or ``ignore_index``.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    _check_map("target", target, logits)
+    flat = target.reshape(-1).long()
+    valid = flat != ignore_index
+    num_valid = int(valid.sum())
+    if 0 < min_kept <= num_valid:
+        with torch.no_grad():
+            probs = logits.detach().float().softmax(dim=1).transpose(0, 1).reshape(logits.shape[1], -1)
+            own = probs.gather(0, torch.where(valid, flat, 0)[None])[0].masked_fill(~valid, 1.0)
+            kth = own.kthvalue(min(own.numel(), min_kept)).values
+            valid = valid & (own <= torch.clamp(kth, min=float(threshold)))
+    kept = flat.masked_fill(~valid, ignore_index).view_as(target)
+    return F.cross_entropy(logits.float(), kept, ignore_index=ignore_index)

@@ -23,17 +23,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class MeanTeacher:
-    """A frozen copy of the student updated as ``t = decay * t + (1 - decay) * s``.
+    """A frozen copy of the student updated as ``t = rate * t + (1 - rate) * s``.
 
-    ``teacher`` is a deep copy of the student in eval mode with ``requires_grad=False``.
-    :meth:`update` applies the EMA to every floating-point parameter and buffer in one fused
-    pass and copies the others (e.g. BatchNorm's ``num_batches_tracked``).
+    ``rate`` is ``decay``, or with ``warmup`` the rule of FixMatch and UniMatch V2's loops,
+    ``min(1 - 1 / (n + 1), decay)`` where ``n`` counts the updates made so far from 0 (the first
+    update copies the student). ``teacher`` is a deep copy of the student in eval mode with
+    ``requires_grad=False``. :meth:`update` applies the EMA to every floating-point parameter and
+    buffer in one fused pass and copies the others (e.g. BatchNorm's ``num_batches_tracked``).
     """
 
-    def __init__(self, student: nn.Module, decay: float = 0.999) -> None:
+    def __init__(self, student: nn.Module, decay: float = 0.999, warmup: bool = False) -> None:
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"decay must be in [0, 1], got {decay!r}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.updates = 0  # EMA steps taken; a resumed run sets it to the steps already trained
         self.teacher = copy.deepcopy(unwrap(student))
         self.teacher.eval()
         self.teacher.requires_grad_(False)
@@ -59,15 +63,22 @@ class MeanTeacher:
         self._cache = (source, lists)
         return lists
 
+    def rate(self) -> float:
+        """The weight of the teacher's own value in the next update."""
+        if self.warmup:
+            return min(1.0 - 1.0 / (self.updates + 1), self.decay)
+        return self.decay
+
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """One EMA step towards ``student`` (which may be wrapped in DDP)."""
         targets, sources, others = self._pairs(student)
         if targets:
             sources = [s.detach().to(dtype=t.dtype) for t, s in zip(targets, sources)]
-            torch._foreach_lerp_(targets, sources, 1.0 - self.decay)
+            torch._foreach_lerp_(targets, sources, 1.0 - self.rate())
         for t, s in others:
             t.copy_(s)
+        self.updates += 1
 
     def __call__(self, *args, **kwargs):
         return self.teacher(*args, **kwargs)

@@ -300,15 +300,15 @@ class TrainingView(SegmentationDataset):
     def __getitem__(self, index: int) -> Sample:
         source, center, _ = self.choose(index)
         image, mask, name = self.base.load(source)
+        # unlabeled: the crop's padding map, as UniMatch's ignore mask (255 outside the image, else 0)
+        key, fill = ("mask", self.ignore_index) if self.labeled else ("ignore", 255)
         if not self.labeled:
-            mask = None
+            mask = torch.zeros(image.shape[-2:], dtype=torch.uint8)
         lo, hi = self.scale_range
         scale = lo + (hi - lo) * float(torch.rand(()))
-        image, mask = scale_crop(image, mask, self.crop_size, scale, center=center, ignore_index=self.ignore_index)
+        image, mask = scale_crop(image, mask, self.crop_size, scale, center=center, ignore_index=fill)
         if self.hflip and float(torch.rand(())) < 0.5:
-            image, mask = image.flip(-1), None if mask is None else mask.flip(-1)
-        image, mask = image.contiguous(), None if mask is None else mask.contiguous()
-        sample: Sample = {"image": image, "name": name}
-        if mask is not None:
-            sample["mask"] = mask.long()
+            image, mask = image.flip(-1), mask.flip(-1)
+        sample: Sample = {"image": image.contiguous(), "name": name}
+        sample[key] = mask.contiguous().long() if self.labeled else mask.contiguous()
         return sample

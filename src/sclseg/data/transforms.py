@@ -42,8 +42,8 @@ __all__ = [
 ]
 
 #: The columns of a parameter row: jitter on (1) or off (0), the brightness, contrast and
-#: saturation factors, the hue shift, the blur sigma (0: no blur).
-PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "sigma")
+#: saturation factors, the hue shift, the blur sigma (0: no blur), grayscale on (1) or off (0).
+PARAMS = ("jitter", "brightness", "contrast", "saturation", "hue", "sigma", "gray")
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 _BLUR_SIGMA = (0.1, 2.0)
@@ -137,28 +137,41 @@ def blur_kernel_size(crop_size: tuple[int, int] | list[int]) -> int:
 
 @dataclass(frozen=True)
 class PhotometricAugment:
-    """Colour jitter of strength ``color_jitter`` (probability ``jitter_prob``) and Gaussian blur
-    (probability ``blur_prob``, ``blur_kernel`` taps) with per-image parameters."""
+    """Colour jitter of strength ``color_jitter`` (probability ``jitter_prob``), grayscale
+    (probability ``grayscale_prob``) and Gaussian blur (probability ``blur_prob``, ``blur_kernel``
+    taps) with per-image parameters, applied in that order."""
 
     color_jitter: float
     blur_prob: float
     blur_kernel: int
     jitter_prob: float = 0.8
+    hue: Optional[float] = None  # the hue shift's bound; None: min(0.5, color_jitter / 4)
+    grayscale_prob: float = 0.0
 
     def draw(self, generator: Optional[torch.Generator] = None) -> Tensor:
-        """One image's parameters, a float ``(6,)`` row laid out as :data:`PARAMS` (torch RNG)."""
-        u = torch.rand(7, generator=generator, dtype=torch.float64)
+        """One image's parameters, a float ``(7,)`` row laid out as :data:`PARAMS` (torch RNG)."""
+        return self.draw_batch(1, generator)[0]
+
+    def draw_batch(self, count: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``count`` images' parameters ``(count, 7)``, on the generator's device (CPU without one).
+
+        Row ``i`` takes 7 uniforms (8 with a grayscale probability) from the generator in turn:
+        jitter on, three factors, the hue shift, blur on, the blur sigma (and grayscale on)."""
+        device = generator.device if generator is not None else None
+        u = torch.rand(count, 7 + (self.grayscale_prob > 0), generator=generator, dtype=torch.float64, device=device)
         j = self.color_jitter
         lo, hi = max(0.0, 1.0 - j), 1.0 + j
-        hue = min(0.5, j / 4)
-        jitter = float(j > 0 and u[0] < self.jitter_prob)
-        blurred = self.blur_prob > 0 and u[5] < self.blur_prob
-        sigma = _BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * float(u[6]) if blurred else 0.0
-        factors = [lo + (hi - lo) * float(v) for v in u[1:4]]
-        return torch.tensor([jitter, *factors, hue * (2.0 * float(u[4]) - 1.0), sigma], dtype=torch.float32)
+        hue = min(0.5, j / 4) if self.hue is None else self.hue
+        jitter = ((u[:, 0] < self.jitter_prob) & (j > 0)).double()
+        blurred = (u[:, 5] < self.blur_prob) & (self.blur_prob > 0)
+        sigma = torch.where(blurred, _BLUR_SIGMA[0] + (_BLUR_SIGMA[1] - _BLUR_SIGMA[0]) * u[:, 6], 0.0)
+        gray = (u[:, 7] < self.grayscale_prob).double() if self.grayscale_prob > 0 else torch.zeros_like(sigma)
+        factors = lo + (hi - lo) * u[:, 1:4]
+        shift = hue * (2.0 * u[:, 4] - 1.0)
+        return torch.cat([jitter[:, None], factors, shift[:, None], sigma[:, None], gray[:, None]], dim=1).float()
 
     def __call__(self, images: Tensor, params: Tensor) -> Tensor:
-        """Images ``(B, 3, H, W)`` in [0, 1] with parameter rows ``(B, 6)`` -> augmented images."""
+        """Images ``(B, 3, H, W)`` in [0, 1] with parameter rows ``(B, 7)`` -> augmented images."""
         params = params.to(images.device)
         out = images
         if self.color_jitter > 0:
@@ -166,6 +179,8 @@ class PhotometricAugment:
             jittered = adjust_contrast(jittered, params[:, 2])
             jittered = adjust_hue(adjust_saturation(jittered, params[:, 3]), params[:, 4])
             out = torch.where(params[:, 0].view(-1, 1, 1, 1) > 0, jittered, images)
+        if self.grayscale_prob > 0:
+            out = torch.where(params[:, 6].view(-1, 1, 1, 1) > 0, _grayscale(out).expand_as(out), out)
         if self.blur_prob > 0:
             out = gaussian_blur(out, params[:, 5], self.blur_kernel)
         return out

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 from sclseg.config import Config, config_to_dict
 from sclseg.data import DataBundle
@@ -21,7 +20,8 @@ from sclseg.engine import distributed as dist
 from sclseg.engine.checkpoint import CHECKPOINT_FORMAT, latest_checkpoint, prune, rng_state, save_atomic, set_rng_state
 from sclseg.engine.errors import NonFiniteLoss
 from sclseg.engine.seeding import rank_seed
-from sclseg.teacher import MeanTeacher, unwrap
+from sclseg.methods import Method
+from sclseg.teacher import unwrap
 
 __all__ = ["TrainState", "Checkpointer"]
 
@@ -59,12 +59,11 @@ class Checkpointer:
         log: where warnings for the person go (rank 0).
     """
 
-    def __init__(self, cfg: Config, folder: Path, data: DataBundle, student: nn.Module, mean_teacher: MeanTeacher,
-                 optimizer: torch.optim.Optimizer, scheduler, scaler: Optional[torch.amp.GradScaler],
-                 generator: torch.Generator, log: Callable[[str], None]) -> None:
+    def __init__(self, cfg: Config, folder: Path, data: DataBundle, method: Method, log: Callable[[str], None]) -> None:
         self.cfg, self.folder, self.data = cfg, Path(folder), data
-        self.student, self.mean_teacher = student, mean_teacher
-        self.optimizer, self.scheduler, self.scaler, self.generator = optimizer, scheduler, scaler, generator
+        self.student, self.mean_teacher = method.student, method.mean_teacher
+        self.optimizer, self.scheduler = method.optimizer, method.scheduler
+        self.scaler, self.generator = method.scaler, method.generator
         self.log = log
         self.rank, self.world = dist.rank(), dist.world_size()
         self.saved_at: Optional[int] = None  # iteration of the newest step_N.pt this run wrote
@@ -129,6 +128,7 @@ class Checkpointer:
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(iteration=int(ckpt["iteration"]), best=dict(ckpt["best"]))
+        self.mean_teacher.updates = state.iteration  # one EMA update per step
         positions = dict(ckpt["streams"])
         saved_world = int(ckpt["world_size"])
         if saved_world == self.world and len(ckpt["generators"]) == self.world:

@@ -18,7 +18,7 @@ process with its own type and message first (the worker's traceback is attached 
 from __future__ import annotations
 
 import random
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sclseg.data.transforms import PhotometricAugment
 
-__all__ = ["StreamSampler", "SeededAugmentation", "Stream", "batch_to_device", "make_stream", "sample_seed"]
+__all__ = ["StreamSampler", "SeededAugmentation", "StepBatches", "Stream", "batch_to_device", "make_stream",
+           "sample_seed"]
 
 _MIX = 0x9E3779B97F4A7C15
 
@@ -118,7 +119,7 @@ class _Collate:
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = {"image": torch.stack([s["image"] for s in samples]), "name": [s["name"] for s in samples]}
-        for key in ("mask", "photometric"):
+        for key in ("mask", "ignore", "photometric"):
             if key in samples[0]:
                 batch[key] = torch.stack([s[key] for s in samples])
         if self.photometric is not None:
@@ -197,8 +198,9 @@ def make_stream(
     augment_in_loader: bool = False,
     name: str = "dataset",
 ) -> Stream:
-    """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "photometric": (B,6)?,
-    "name": [...]}`` (``photometric``: each sample's parameters for :func:`batch_to_device`).
+    """Infinite iterator of batches ``{"image": (B,3,H,W), "mask": (B,H,W)?, "ignore": (B,H,W)?,
+    "photometric": (B,7)?, "name": [...]}`` (``mask``: labeled data; ``ignore``: unlabeled crops, 255
+    where padded; ``photometric``: each sample's parameters for :func:`batch_to_device`).
 
     ``augment_in_loader`` applies ``photometric`` to each batch where it is assembled (in the
     workers, or in this process without them) instead, so that its batches carry augmented images
@@ -237,3 +239,38 @@ def batch_to_device(batch: dict, device: torch.device, *, photometric: Optional[
     if channels_last and out["image"].dim() == 4:
         out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
+
+
+Role = Literal["labeled", "unlabeled"]
+
+
+class StepBatches:
+    """Hands each training step its micro-batches, in step order.
+
+    Step ``k`` takes its labeled micro-batches and, when it uses them, its unlabeled ones; each
+    stream opens at the position of the step that first reads it.
+
+    Args:
+        open_stream: ``(role, step) -> Stream`` positioned at step ``step``'s first batch.
+        next_batches: one step's micro-batches from a stream, on the training device.
+    """
+
+    def __init__(self, open_stream: Callable[[Role, int], Stream], next_batches: Callable[[Stream], list[dict]]) -> None:
+        self._open, self._next = open_stream, next_batches
+        self.streams: dict[Role, Stream] = {}
+
+    def take(self, step: int, *, unlabeled: bool) -> tuple[list[dict], Optional[list[dict]]]:
+        """Step ``step``'s labeled micro-batches and its unlabeled ones (None when not ``unlabeled``)."""
+        labeled = self._next(self._stream("labeled", step))
+        return labeled, self._next(self._stream("unlabeled", step)) if unlabeled else None
+
+    def close(self) -> None:
+        """Close the streams (their data workers stop)."""
+        for stream in self.streams.values():
+            stream.close()
+        self.streams.clear()
+
+    def _stream(self, role: Role, step: int) -> Stream:
+        if role not in self.streams:
+            self.streams[role] = self._open(role, step)
+        return self.streams[role]

@@ -6,9 +6,8 @@ Each concern is a piece of its own, which the loop calls (docs/architecture.md):
 * :class:`~sclseg.engine.checkpointer.Checkpointer`: ``step_N.pt`` / ``best.pt``, state and restore;
 * :class:`~sclseg.engine.evaluator.Evaluator`: teacher and student on the eval split, the best score;
 * :class:`~sclseg.engine.guards.StopSignals` and :class:`~sclseg.engine.guards.NonFiniteWatch`;
-* :class:`~sclseg.engine.step_batches.StepBatches`: each step's batches from the data streams;
-* :func:`~sclseg.engine.step.train_step`: one optimizer step of the method, with the
-  :class:`~sclseg.engine.side_thread.SideThread` where a CPU has a core to spare.
+* :class:`~sclseg.engine.stream.StepBatches`: each step's batches from the data streams;
+* :class:`~sclseg.methods.Method` (``method.name``): one optimizer step of the method.
 
 At a step that is due for both, the checkpoint is written before the evaluation, so a failing
 evaluation loses nothing. The loop raises the exceptions of :mod:`sclseg.engine.errors`, which
@@ -21,9 +20,6 @@ writes files. See docs/distributed.md.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import Future
-from functools import partial
 from pathlib import Path
 from typing import Callable, Literal, Optional, Sequence, Union
 
@@ -31,7 +27,6 @@ import torch
 from torch import nn
 
 from sclseg.config import Config, ConfigError
-from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import DataBundle, build_data
 from sclseg.data.transforms import build_photometric
 from sclseg.engine import distributed as dist
@@ -44,10 +39,8 @@ from sclseg.engine.monitor import TrainMonitor
 from sclseg.engine.optim import build_optimizer
 from sclseg.engine.run_dir import RunFolder
 from sclseg.engine.seeding import seed_process, stream_seed
-from sclseg.engine.side_thread import SideThread, wants_prefetch, wants_teacher_thread
-from sclseg.engine.step import AMP_DTYPES, train_step, unlabeled_weight
-from sclseg.engine.step_batches import StepBatches
-from sclseg.engine.stream import Stream, batch_to_device, make_stream
+from sclseg.engine.stream import StepBatches, Stream, batch_to_device, make_stream
+from sclseg.methods import build_method, method_class
 from sclseg.models import create_model
 from sclseg.models.checkpointing import apply_activation_checkpointing
 from sclseg.teacher import MeanTeacher, unwrap
@@ -85,19 +78,17 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.data = data if data is not None else build_data(cfg)
-        if cfg.method.name != "supervised" and self.data.unlabeled is None:
+        if method_class(cfg.method.name).needs_unlabeled and self.data.unlabeled is None:
             raise ConfigError(f"method.name: '{cfg.method.name}' needs unlabeled images but the data has none")
         self.evaluator = Evaluator(cfg.eval, self.data.eval_splits, self.device, max_images=eval_images)
         self.student, self.mean_teacher = self._build_networks(load_pretrained=resume_path is None)
         self.optimizer, self.scheduler = build_optimizer(self.student, cfg.optim, t.iterations)
         self.photometric = build_photometric(cfg.data)  # colour jitter and blur, per batch on the device
-        self.mask_generator = BoxMaskGenerator(cfg.method.n_boxes, cfg.method.box_area)
-        self.generator = seed_process(t.seed, self.rank, self.device)  # CutMix boxes, SCL pairs
-        self.amp_dtype = AMP_DTYPES[t.amp]
-        self.scaler = torch.amp.GradScaler(self.device.type) if t.amp == "fp16" else None
-        self.teacher_thread, self.prefetch_thread = self._side_thread()
-        self.checkpointer = Checkpointer(cfg, self.folder.path, self.data, self.student, self.mean_teacher,
-                                         self.optimizer, self.scheduler, self.scaler, self.generator, self.folder.log)
+        generator = seed_process(t.seed, self.rank, self.device)  # the method's: CutMix boxes, SCL pairs, views
+        self.method = build_method(cfg, self.student, self.mean_teacher, self.optimizer, self.scheduler,
+                                   generator=generator, ignore_index=self.data.ignore_index,
+                                   network=unwrap(self.student))
+        self.checkpointer = Checkpointer(cfg, self.folder.path, self.data, self.method, self.folder.log)
         self.state = TrainState()
         if resume_path is not None:
             self.state = self.checkpointer.restore(load_checkpoint(resume_path, kind="checkpoint"), resume_path)
@@ -125,7 +116,9 @@ class Trainer:
         model = create_model(self.cfg.model, self.data.num_classes, load_pretrained=load_pretrained).to(self.device)
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        mean_teacher = MeanTeacher(model, self.cfg.method.ema_decay)  # plain BatchNorm, eval mode
+        method = self.cfg.method
+        # plain BatchNorm, eval mode
+        mean_teacher = MeanTeacher(model, method.ema_decay, warmup=method_class(method.name).uses_ema_warmup(method))
         apply_activation_checkpointing(model, t.activation_checkpointing)  # the student only: it alone backprops
         if self.world > 1:
             if t.sync_bn:
@@ -135,17 +128,6 @@ class Trainer:
         if t.compile:
             model = torch.compile(model)
         return model, mean_teacher
-
-    def _side_thread(self) -> tuple[Optional[SideThread], Optional[SideThread]]:
-        """The side thread for the EMA teacher's pass and for loading ahead, each None where
-        ``train.teacher_thread`` / ``train.prefetch`` do not ask for it on this machine (one thread serves both)."""
-        t = self.cfg.train
-        machine = {"threads": torch.get_num_threads(), "processes": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                   "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)}
-        teacher = wants_teacher_thread(t.teacher_thread, self.cfg.method, self.device.type, **machine)
-        prefetch = wants_prefetch(t.prefetch, t.activation_checkpointing, self.device.type, **machine)
-        side = SideThread() if teacher or prefetch else None
-        return (side if teacher else None), (side if prefetch else None)
 
     def _resume_path(self, resume: Union[None, bool, str, Path]) -> Optional[Path]:
         """The checkpoint to resume from (rank 0 decides, every rank gets its answer)."""
@@ -168,40 +150,27 @@ class Trainer:
         d = self.cfg.data
         dataset, batch_size = {"labeled": (self.data.labeled, d.batch_size),
                                "unlabeled": (self.data.unlabeled, d.unlabeled_batch_size)}[role]
+        jitter = role == "labeled" or self.method.jitter_unlabeled
         return make_stream(dataset, batch_size, seed=stream_seed(self.cfg.train.seed, role),
                            start_batch=self.state.stream_position(role, self.cfg.train.grad_accum, step), name=role,
                            rank=self.rank, world_size=self.world, num_workers=d.num_workers,
-                           pin_memory=self.device.type == "cuda", photometric=self.photometric,
+                           pin_memory=self.device.type == "cuda", photometric=self.photometric if jitter else None,
                            augment_in_loader=self.device.type == "cpu")
 
     # ------------------------------------------------------------------ pieces the loop calls
-    def step(self, batches: StepBatches, *, ahead: bool) -> tuple[dict, float, float]:
-        """One optimizer step (``grad_accum`` micro-batches): its detached terms, lr and unlabeled weight.
+    def step(self, batches: StepBatches) -> tuple[dict, float, float]:
+        """One optimizer step of the method (``grad_accum`` micro-batches): its detached terms, lr and
+        unlabeled weight.
 
         Step k always goes with unlabeled batches ``k * grad_accum ...``; a step that does not use
         them (weight 0: supervised, warm-up) skips them unloaded, so every method reaches
         ``method.unlabeled_start`` in the same state. The unlabeled stream opens at its first use.
-        With ``ahead`` (a next step follows) and a prefetch thread, the next step's batches load
-        there during this step's backward pass.
         """
-        method, k = self.cfg.method, self.state.iteration
-        weight = unlabeled_weight(method, k)
+        k = self.state.iteration
+        weight = self.method.unlabeled_weight(k)
         labeled, unlabeled = batches.take(k, unlabeled=weight > 0.0)
         lr = self.optimizer.param_groups[0]["lr"]
-        load_next = None
-        if ahead and self.prefetch_thread is not None:
-            load_next = partial(batches.load_ahead, self.prefetch_thread, k + 1,
-                                unlabeled=unlabeled_weight(method, k + 1) > 0.0)
-        return self.train_on(labeled, unlabeled, weight, beside_backward=load_next), lr, weight
-
-    def train_on(self, labeled: list[dict], unlabeled: Optional[list[dict]], weight: float,
-                 beside_backward: Optional[Callable[[], Future]] = None) -> dict:
-        """One optimizer step of the method on given micro-batches (on the device): its detached terms
-        (``beside_backward``: see :func:`~sclseg.engine.step.train_step`)."""
-        return train_step(self.student, self.mean_teacher, self.optimizer, self.scheduler, labeled, unlabeled,
-                          method=self.cfg.method, mask_generator=self.mask_generator, generator=self.generator,
-                          weight=weight, ignore_index=self.data.ignore_index, amp_dtype=self.amp_dtype,
-                          scaler=self.scaler, teacher_thread=self.teacher_thread, beside_backward=beside_backward)
+        return self.method.step(labeled, unlabeled, weight), lr, weight
 
     def _next_batches(self, stream: Stream) -> list[dict]:
         """The ``grad_accum`` micro-batches of one step, on the device, augmented (on a CPU device
@@ -262,7 +231,7 @@ class Trainer:
         try:
             with signals:
                 while state.iteration < stop_at:
-                    terms, lr, weight = self.step(batches, ahead=state.iteration + 1 < stop_at)
+                    terms, lr, weight = self.step(batches)
                     watch.update(terms["loss"], state.iteration + 1)
                     state.iteration += 1
                     monitor.add(terms)
@@ -287,9 +256,6 @@ class Trainer:
                                                       checkpoint=self.out_dir / f"step_{state.iteration}.pt")
         finally:
             batches.close()
-            side = self.teacher_thread or self.prefetch_thread  # one thread serves both
-            if side is not None:
-                side.close()
             monitor.close()
             self.folder.close()
         if state.iteration < t.iterations:  # stopped by `until`

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ASPP", "DeepLabV3Plus", "Encoder", "conv_bn_relu", "upsample_aligned"]
+__all__ = ["ASPP", "DeepLabV3Plus", "Encoder", "FeaturePerturbation", "conv_bn_relu", "upsample_aligned"]
+
+#: A map over the features a segmentation head reads (every sclseg network's ``encode`` gives them:
+#: ``(B, C, h, w)`` maps, or ``(B, N, D)`` token maps for the ViTs), e.g. UniMatch's feature dropout.
+FeaturePerturbation = Callable[[list[Tensor]], list[Tensor]]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,9 +85,19 @@ class DeepLabV3Plus(nn.Module):
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
         self.num_classes = num_classes
 
-    def forward(self, images: Tensor) -> Tensor:
-        size = images.shape[-2:]
-        low, high = self.encoder((images - self.mean) / self.std)
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The features the head reads, ``[low (B, C_low, h_low, w_low), high (B, C_high, h, w)]``."""
+        return list(self.encoder((images - self.mean) / self.std))
+
+    def decode(self, features: list[Tensor], size: Sequence[int]) -> Tensor:
+        """Logits ``(B, K, *size)`` from :meth:`encode`'s features."""
+        low, high = features
         context = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        features = self.decoder(torch.cat([context, self.low_proj(low)], dim=1))
-        return F.interpolate(self.classifier(features), size=size, mode="bilinear", align_corners=False)
+        fused = self.decoder(torch.cat([context, self.low_proj(low)], dim=1))
+        return F.interpolate(self.classifier(fused), size=tuple(size), mode="bilinear", align_corners=False)
+
+    def forward(self, images: Tensor, perturb: Optional[FeaturePerturbation] = None) -> Tensor:
+        """Logits ``(B', K, H, W)`` of images ``(B, 3, H, W)``; ``perturb`` maps the features the
+        head reads before it reads them (feature dropout; it may return a larger batch ``B'``)."""
+        features = self.encode(images)
+        return self.decode(features if perturb is None else perturb(features), images.shape[-2:])

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD
+from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, FeaturePerturbation
 from sclseg.models.dinov2 import PATCH_SIZE, DINOv2Encoder
 
 __all__ = ["DPT", "DPTHead", "DPT_SIZES"]
@@ -130,17 +130,31 @@ class DPT(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.num_classes = num_classes
 
-    def forward(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The four token maps the head reads, each ``(B, h*w, D)`` on the patch grid of the
+        images resized to patch multiples."""
         height, width = images.shape[-2:]
         x = (images - self.mean) / self.std
         size = (_patch_multiple(height), _patch_multiple(width))
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-        grid_h, grid_w = size[0] // PATCH_SIZE, size[1] // PATCH_SIZE
-        logits = F.interpolate(self.head(self.encoder(x), grid_h, grid_w), size=size, mode="bilinear", align_corners=True)
-        if size != (height, width):
+        return list(self.encoder(x))
+
+    def decode(self, features: list[Tensor], size: Sequence[int]) -> Tensor:
+        """Logits ``(B, K, *size)`` from :meth:`encode`'s token maps of images of ``size``."""
+        height, width = int(size[0]), int(size[1])
+        grid = (_patch_multiple(height), _patch_multiple(width))
+        logits = self.head(features, grid[0] // PATCH_SIZE, grid[1] // PATCH_SIZE)
+        logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=True)
+        if grid != (height, width):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
         return logits
+
+    def forward(self, images: Tensor, perturb: Optional[FeaturePerturbation] = None) -> Tensor:
+        """Logits ``(B', K, H, W)`` of images ``(B, 3, H, W)``; ``perturb`` maps the features the
+        head reads before it reads them (feature dropout; it may return a larger batch ``B'``)."""
+        features = self.encode(images)
+        return self.decode(features if perturb is None else perturb(features), images.shape[-2:])
 
 
 def _patch_multiple(length: int) -> int:

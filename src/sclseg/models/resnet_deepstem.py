@@ -26,13 +26,13 @@ Head (every upsampling bilinear with ``align_corners=True``)::
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from timm.models.resnet import Bottleneck, ResNet
 from torch import Tensor, nn
 
-from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, conv_bn_relu, upsample_aligned
+from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, FeaturePerturbation, conv_bn_relu, upsample_aligned
 
 __all__ = ["DeepStemDeepLabV3Plus", "UniMatchASPP", "deep_stem_resnet", "DEEPSTEM_LAYERS"]
 
@@ -110,8 +110,19 @@ class DeepStemDeepLabV3Plus(nn.Module):
         c1 = b.layer1(b.maxpool(b.act1(b.bn1(b.conv1(x)))))
         return c1, b.layer4(b.layer3(b.layer2(c1)))
 
-    def forward(self, images: Tensor) -> Tensor:
-        c1, c4 = self.features((images - self.mean) / self.std)
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The features the head reads, ``[low (B, C_low, h_low, w_low), high (B, C_high, h, w)]``."""
+        return list(self.features((images - self.mean) / self.std))
+
+    def decode(self, features: list[Tensor], size: Sequence[int]) -> Tensor:
+        """Logits ``(B, K, *size)`` from :meth:`encode`'s features (UniMatch V1's ``_decode``)."""
+        c1, c4 = features
         context = upsample_aligned(self.head(c4), c1.shape[-2:])
         logits = self.classifier(self.fuse(torch.cat([self.reduce(c1), context], dim=1)))
-        return upsample_aligned(logits, images.shape[-2:])
+        return upsample_aligned(logits, size)
+
+    def forward(self, images: Tensor, perturb: Optional[FeaturePerturbation] = None) -> Tensor:
+        """Logits ``(B', K, H, W)`` of images ``(B, 3, H, W)``; ``perturb`` maps the features the
+        head reads before it reads them (feature dropout; it may return a larger batch ``B'``)."""
+        features = self.encode(images)
+        return self.decode(features if perturb is None else perturb(features), images.shape[-2:])

@@ -40,7 +40,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, conv_bn_relu, upsample_aligned
+from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, FeaturePerturbation, conv_bn_relu, upsample_aligned
 
 __all__ = ["DeepWV3Plus", "WiderResNet38", "PreActBlock", "NvidiaASPP", "WRN38_STRUCTURE", "WRN38_CHANNELS"]
 
@@ -195,8 +195,19 @@ class DeepWV3Plus(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
         self.num_classes = num_classes
 
-    def forward(self, images: Tensor) -> Tensor:
-        low, high = self.encoder((images - self.mean) / self.std)
+    def encode(self, images: Tensor) -> list[Tensor]:
+        """The features the head reads, ``[low (B, C_low, h_low, w_low), high (B, C_high, h, w)]``."""
+        return list(self.encoder((images - self.mean) / self.std))
+
+    def decode(self, features: list[Tensor], size: Sequence[int]) -> Tensor:
+        """Logits ``(B, K, *size)`` from :meth:`encode`'s features."""
+        low, high = features
         context = upsample_aligned(self.bot_aspp(self.aspp(high)), low.shape[-2:])
         logits = self.final(torch.cat([self.bot_fine(low), context], dim=1))
-        return upsample_aligned(logits, images.shape[-2:])
+        return upsample_aligned(logits, size)
+
+    def forward(self, images: Tensor, perturb: Optional[FeaturePerturbation] = None) -> Tensor:
+        """Logits ``(B', K, H, W)`` of images ``(B, 3, H, W)``; ``perturb`` maps the features the
+        head reads before it reads them (feature dropout; it may return a larger batch ``B'``)."""
+        features = self.encode(images)
+        return self.decode(features if perturb is None else perturb(features), images.shape[-2:])

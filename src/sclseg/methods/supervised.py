@@ -1,0 +1,21 @@
+"""``supervised``: the labeled loss alone, the baseline every semi-supervised method is compared to."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from sclseg.methods.base import Method, Terms
+
+__all__ = ["Supervised"]
+
+
+class Supervised(Method):
+    """``L_x`` on the labeled batch; the mean teacher is kept for evaluation only."""
+
+    needs_unlabeled = False
+
+    def loss(self, labeled: dict, unlabeled: Optional[dict], weight: float) -> tuple[Tensor, Terms]:
+        loss_x = self.labeled_loss(self.student(labeled["image"]), labeled["mask"])
+        return loss_x, {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
