@@ -157,7 +157,7 @@ def test_unknown_or_mistyped_training_keys_name_the_key(tmp_path, capsys) -> Non
     # YAML reads a bare `off` as false: the choice named off is meant
     bare_off = load_config(cfg, ["train.amp=off", "train.activation_checkpointing=off"]).train
     assert (bare_off.amp, bare_off.activation_checkpointing) == ("off", "off")
-    with pytest.raises(ConfigError, match=r"method\.name: expected one of .*got False"):
+    with pytest.raises(ConfigError, match=r"method\.name: expected a string, got False"):
         load_config(cfg, ["method.name=off"])
     with pytest.raises(ConfigError, match=r"train\.channels_last: expected true or false"):
         load_config(cfg, ["train.channels_last=3"])

@@ -30,7 +30,7 @@ The pieces, each a function of tensors that can be checked on its own: :func:`gr
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -455,11 +455,8 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
     it stays finite when a probability underflows. Mean over valid pixels (0, in the graph,
     when there is none). ``window=1`` equals ``F.cross_entropy(..., ignore_index=...)``.
 
-    Only a pixel whose window holds more than one class differs from plain cross-entropy. On
-    the CPU those pixels are found with a max- and a min-pool of the label map and the relaxed
-    term is computed on them alone; on an accelerator, where counting them would make the host
-    wait for the device, every pixel takes the relaxed form from a max-pooled one-hot map of the
-    classes present (no host sync, ``(B, C, H, W)`` more memory). Both give the same loss.
+    The classes present around each pixel come from a max-pooled one-hot map of the labels
+    (``(B, C, H, W)`` more memory, no host sync).
 
     Args:
         logits: ``(B, C, H, W)``.
@@ -478,10 +475,8 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
         # only the pixel's own class is present: the masked logsumexp of Eq. 2 is its
         # log-probability, exactly (max + log(exp(0))), so a gather gives the same loss and gradients
         per_pixel = -F.log_softmax(logits.float(), dim=1).gather(1, classes[:, None]).squeeze(1)
-    elif logits.device.type == "cpu":
-        per_pixel = _relaxed_nll(logits.float(), classes, valid, window)
     else:
-        per_pixel = _relaxed_nll_dense(logits.float(), classes, valid, window)
+        per_pixel = _relaxed_nll(logits.float(), classes, valid, window)
     per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
     return per_pixel.sum() / valid.sum().clamp_min(1).float()
 
@@ -489,31 +484,16 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
 def _relaxed_nll(logits: Tensor, classes: Tensor, valid: Tensor, window: int) -> Tensor:
     """``-logsumexp`` of the log-probabilities of the classes present in each pixel's window.
 
+    The classes present around each pixel are a ``window x window`` max-pool of the one-hot
+    label map (its -inf padding clips the window at the border). Pixels that are not valid get
+    class 0 as present, so that their (discarded) term and its gradient stay finite.
+
     Args:
         logits: ``(B, C, H, W)`` float32.
         classes: ``(B, H, W)`` class indices (any class where ``valid`` is False).
         valid: ``(B, H, W)`` bool, the pixels that bring their class to the windows around them.
     Returns:
-        ``(B, H, W)``: the relaxed term at valid pixels with a mixed window, minus the
-        log-probability of the own class elsewhere.
-    """
-    batch, channels, height, width = logits.shape
-    mixed = _mixed_windows(classes, valid, window)
-    where = mixed.reshape(-1).nonzero().squeeze(1)  # flat b * HW + y * W + x
-    present = _window_classes(classes, valid, window, where, channels)  # (C, K)
-    own, cells = _LogSoftmaxPick.apply(logits, classes, where)
-    relaxed = -torch.logsumexp(torch.where(present, cells, float("-inf")), dim=0)
-    return (-own).scatter(0, where, relaxed).view(batch, height, width)
-
-
-def _relaxed_nll_dense(logits: Tensor, classes: Tensor, valid: Tensor, window: int) -> Tensor:
-    """:func:`_relaxed_nll` at every pixel at once, without reading anything on the host.
-
-    The classes present around each pixel are a ``window x window`` max-pool of the one-hot
-    label map (its -inf padding clips the window at the border). Pixels that are not valid get
-    class 0 as present, so that their (discarded) term and its gradient stay finite.
-
-    Args and return: as :func:`_relaxed_nll`.
+        ``(B, H, W)``.
     """
     channels = logits.shape[1]
     one_hot = F.one_hot(classes, channels).permute(0, 3, 1, 2).to(logits.dtype) * valid[:, None].to(logits.dtype)
@@ -521,81 +501,6 @@ def _relaxed_nll_dense(logits: Tensor, classes: Tensor, valid: Tensor, window: i
     present[:, 0] |= ~valid
     log_probs = F.log_softmax(logits, dim=1)
     return -torch.logsumexp(log_probs.masked_fill(~present, float("-inf")), dim=1)
-
-
-class _LogSoftmaxPick(torch.autograd.Function):
-    """``log_softmax(logits, 1)`` read at each pixel's own class and at every class of some pixels.
-
-    Inputs: ``logits`` ``(B, C, H, W)`` float32, ``classes`` ``(B, H, W)``, ``where`` ``(K,)`` flat
-    pixels ``b * HW + p``. Outputs: ``(B * HW,)`` and ``(C, K)`` (class-major, so that reductions
-    over classes run along the outer dim). The backward pass is the log-softmax one,
-    ``grad - softmax * sum_c grad``, with the sparse ``grad`` added in place: no dense map of
-    zeros is built and read.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, classes: Tensor, where: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        batch, channels, height, width = logits.shape
-        n_pixels = height * width
-        log_probs = F.log_softmax(logits, dim=1)
-        index = torch.empty(batch * n_pixels + channels * where.numel(), dtype=torch.long, device=logits.device)
-        own, cells = index.split([batch * n_pixels, channels * where.numel()])
-        first_plane = torch.arange(batch, device=logits.device)[:, None] * (channels * n_pixels)
-        first_plane = first_plane + torch.arange(n_pixels, device=logits.device)
-        torch.add(first_plane, classes.reshape(batch, -1), alpha=n_pixels, out=own.view(batch, n_pixels))
-        plane = torch.arange(channels, device=logits.device)[:, None] * n_pixels
-        torch.add(plane, (where // n_pixels) * (channels * n_pixels) + where % n_pixels, out=cells.view(channels, -1))
-        picked_own, picked_cells = log_probs.reshape(-1).take(index).split([own.numel(), cells.numel()])
-        ctx.save_for_backward(log_probs, index, where)
-        return picked_own, picked_cells.view(channels, -1)
-
-    @staticmethod
-    def backward(ctx, grad_own: Tensor, grad_cells: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        log_probs, index, where = ctx.saved_tensors
-        batch, channels = log_probs.shape[:2]
-        per_pixel = grad_own.index_add(0, where, grad_cells.sum(dim=0))  # sum over classes of the grad
-        grad = log_probs.exp().mul_(per_pixel.neg().view(batch, 1, *log_probs.shape[2:]))
-        grad.view(-1).index_add_(0, index, torch.cat([grad_own, grad_cells.reshape(-1)]))
-        return grad, None, None
-
-
-def _mixed_windows(classes: Tensor, valid: Tensor, window: int) -> Tensor:
-    """``(B, H, W)`` bool: valid pixels whose window (clipped at the border) holds two or more classes."""
-    label = classes.int()
-    high = _window_extreme(torch.where(valid, label, -1), window // 2, torch.maximum)  # -1, 2^31 - 1: no class
-    low = _window_extreme(torch.where(valid, label, torch.iinfo(torch.int32).max), window // 2, torch.minimum)
-    return valid & (high > low)
-
-
-def _window_extreme(x: Tensor, radius: int, op: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Max or min (``op``) of ``(B, H, W)`` over each ``(2 radius + 1)^2`` window clipped at the border.
-
-    Separable: over rows, then over columns, one shifted slice at a time.
-    """
-    out = x.clone()
-    for dim in (1, 2):
-        source = out.clone()
-        size = out.shape[dim]
-        for d in range(1, min(radius, size - 1) + 1):
-            ahead, behind = out.narrow(dim, d, size - d), out.narrow(dim, 0, size - d)
-            ahead.copy_(op(ahead, source.narrow(dim, 0, size - d)))
-            behind.copy_(op(behind, source.narrow(dim, d, size - d)))
-    return out
-
-
-def _window_classes(classes: Tensor, valid: Tensor, window: int, where: Tensor, channels: int) -> Tensor:
-    """``(C, K)`` bool: the classes of the valid pixels in the windows of the flat pixels ``where``."""
-    _, height, width = classes.shape
-    r = window // 2
-    label = F.pad(torch.where(valid, classes, channels), (r, r, r, r), value=channels)  # C: no class
-    padded_h, padded_w = height + 2 * r, width + 2 * r
-    image, pixel = where // (height * width), where % (height * width)
-    centre = image * padded_h * padded_w + (pixel // width + r) * padded_w + pixel % width + r
-    step = torch.arange(-r, r + 1, device=where.device)
-    around = (step[:, None] * padded_w + step).reshape(-1)  # (window^2,)
-    neighbours = label.reshape(-1)[around[:, None] + centre]  # (window^2, K)
-    present = torch.zeros(channels + 1, where.numel(), dtype=torch.bool, device=where.device)
-    return present.scatter_(0, neighbours, True)[:channels]
 
 
 def pseudo_label_loss(student_logits: Tensor, teacher_logits: Tensor, ignore_mask: Optional[Tensor] = None, *,
