@@ -4,6 +4,7 @@ benchmarks/bench_memory.py that turn measurements into figures."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,17 +54,18 @@ def test_the_gpu_stages_end_within_ten_minutes(tmp_path):
 
 def test_usage_errors_exit_2(tmp_path):
     script = ROOT / "benchmarks" / "gpu_check.sh"
-    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    env = dict(os.environ, PYTHON=sys.executable)  # this interpreter, wherever the package is installed
+    usage = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "usage" in usage.stderr
     if not torch.cuda.is_available():
-        no_gpu = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True)
+        no_gpu = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, env=env)
         assert no_gpu.returncode == 2 and "--cpu-smoke" in no_gpu.stderr
 
 
 def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
     assert list(stages) == STAGES
