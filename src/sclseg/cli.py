@@ -457,8 +457,12 @@ def _stopped(args: argparse.Namespace, exc) -> int:
 
     if isinstance(exc, TrainingInterrupted):
         code = 128 + exc.signum
-        tail = (f"the newest checkpoint is {exc.checkpoint}" if exc.immediate
-                else f"Resume with: {_resume_hint(args)}")
+        if not exc.immediate:
+            tail = f"Resume with: {_resume_hint(args)}"
+        elif exc.checkpoint is not None:
+            tail = f"the newest whole checkpoint is {exc.checkpoint}; resume with: {_resume_hint(args)}"
+        else:
+            tail = "no checkpoint had been written yet"
     elif isinstance(exc, NonFiniteLoss):
         code = EXIT_NONFINITE
         tail = (f"the last good checkpoint is {exc.checkpoint}; after fixing the cause (e.g. a lower optim.lr) "

@@ -35,7 +35,7 @@ from sclseg.cutmix import BoxMaskGenerator
 from sclseg.data import DataBundle, build_data
 from sclseg.data.transforms import build_photometric
 from sclseg.engine import distributed as dist
-from sclseg.engine.checkpoint import latest_checkpoint, load_checkpoint
+from sclseg.engine.checkpoint import latest_checkpoint, load_checkpoint, newest_readable_checkpoint
 from sclseg.engine.checkpointer import Checkpointer, TrainState
 from sclseg.engine.errors import EvaluationFailed, NonFiniteLoss, TrainingInterrupted, TrainingStopped
 from sclseg.engine.evaluator import Evaluator
@@ -152,7 +152,7 @@ class Trainer:
         if resume is None or resume is False:
             return None
         if resume is True or resume == "auto":
-            found = latest_checkpoint(self.out_dir) if self.rank == 0 else None
+            found = newest_readable_checkpoint(self.out_dir, self.folder.log) if self.rank == 0 else None
             found = dist.all_gather_object(None if found is None else str(found))[0]
             if found is None and resume is True:
                 raise FileNotFoundError(f"{self.out_dir}: no step_N.pt checkpoint to resume from; expected the "
