@@ -143,6 +143,24 @@ def _device(request: str, source: str = "train.device") -> torch.device:
     return device
 
 
+def _check_same_model(path: str, cfg: Config, saved: Config, ckpt: dict, data) -> None:
+    """Refuse to score a checkpoint under a config that describes another network or other classes."""
+    if ckpt["num_classes"] != data.num_classes:
+        raise ValueError(f"{path}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
+    if ckpt.get("published"):
+        return
+    differ = [k for k in ("name", "width", "output_stride")
+              if getattr(cfg.model, k) != getattr(saved.model, k)]
+    if differ:
+        raise ValueError(f"{path}: the checkpoint holds model " + ", ".join(f"{k}={getattr(saved.model, k)!r}" for k in differ)
+                         + ", the config asks for " + ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in differ)
+                         + "; evaluate with the run's own config.yaml, or set model.* to the checkpoint's")
+    names = [c.name for c in data.classes]
+    if list(ckpt.get("class_names") or names) != names:
+        raise ValueError(f"{path}: the checkpoint's classes are {', '.join(ckpt['class_names'])}, the config's data "
+                         f"names {', '.join(names)}; expected the same classes in the same order")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sclseg.data import build_data
 
@@ -166,8 +184,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
         device = _device(cfg.train.device)
         model, model_cfg, ckpt = _checkpoint_model(args.checkpoint, not args.student, cfg, data.num_classes)
-        if ckpt["num_classes"] != data.num_classes:
-            raise ValueError(f"{args.checkpoint}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
+        _check_same_model(args.checkpoint, cfg, model_cfg, ckpt, data)
         weights = "student" if args.student else "teacher"
         if ckpt.get("published"):
             weights = "model" if args.student else cfg.model.pretrained_weights

@@ -311,13 +311,38 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The one-line reason of a YAML error (its position and the problem, without the quoted text)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in lines:
+                raise ConfigError(f"'{key}' is written twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
+                                  "expected each section and key once")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to nested dicts."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.iterations=100")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.load(raw, Loader=_StrictLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {_yaml_problem(exc)}") from None
+        _set_path(data, key.strip(), value)
     return data
 
 
@@ -329,9 +354,14 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_StrictLoader)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if data is None:
+            raise ConfigError(f"{path}: the file is empty; expected sections such as data:, model:, method:, "
+                              "train: (packaged examples: digits/default, folder/example)")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
