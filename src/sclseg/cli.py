@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,9 +15,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sclseg.config import Config, ConfigError, load_config, resolve_config_path
+from sclseg.device import resolve_device
 
 __all__ = ["main"]
 
@@ -121,28 +122,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(request: str, source: str = "train.device") -> torch.device:
-    """The device ``request`` names (auto, cpu, cuda, cuda:N, mps); ``source`` is the key or flag
-    that errors name."""
-    if request == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(request)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{source} {request!r}: expected auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{source} {request}: CUDA is not available on this machine; use cpu (or auto)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"{source} {request}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{source} {request}: MPS is not available on this machine; use cpu (or auto)")
-    return device
-
-
 def _check_same_model(path: str, cfg: Config, saved: Config, ckpt: dict, data) -> None:
     """Refuse to score a checkpoint under a config that describes another network or other classes."""
     if ckpt["num_classes"] != data.num_classes:
@@ -182,7 +161,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from sclseg.engine.evaluate import evaluate_model
 
-        device = _device(cfg.train.device)
+        device = resolve_device(cfg.train.device, "train.device")
         model, model_cfg, ckpt = _checkpoint_model(args.checkpoint, not args.student, cfg, data.num_classes)
         _check_same_model(args.checkpoint, cfg, model_cfg, ckpt, data)
         weights = "student" if args.student else "teacher"
@@ -221,15 +200,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+_OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
+
+
+def _is_own_output(file: Path, out: Optional[Path]) -> bool:
+    """Whether ``file`` is something predict writes under ``out`` (a label map, an overlay, a labelId PNG)."""
+    if out is None or not file.is_relative_to(out):
+        return False
+    return file.name.endswith(_OUTPUT_SUFFIXES) or (out / "cityscapes_label_ids") in file.parents
+
+
 def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[tuple[Path, Path]]:
     """The images to label, each with its output name under --out (no suffix added yet).
 
     A file found in a folder keeps its path relative to that folder (``cam2/0001``), a file
     given directly its stem; files whose names would clash keep their extension
-    (``0001_jpg``, ``0001_png``). Files under ``exclude`` (the output folder) are skipped.
-    Two inputs that still share a name are an error naming both.
+    (``0001_jpg``, ``0001_png``). What predict writes under ``exclude`` (the output folder, which
+    may be the input folder) is never read back as an input. Two inputs that still share a name
+    are an error naming both.
     """
-    skip = exclude.resolve() if exclude is not None else None
+    out = exclude.resolve() if exclude is not None else None
     entries: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     for item in inputs:
@@ -243,7 +233,7 @@ def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[
             raise FileNotFoundError(f"input not found: {path}")
         for file, rel in pairs:
             resolved = file.resolve()
-            if resolved not in seen and not (skip is not None and resolved.is_relative_to(skip)):
+            if resolved not in seen and not _is_own_output(resolved, out):
                 seen.add(resolved)
                 entries.append((file, rel))
     if not entries:
@@ -272,12 +262,57 @@ def _predict_options(args: argparse.Namespace) -> Path:
     return out
 
 
+class _Predictions:
+    """What predict has written so far, kept true in ``OUT/predictions.json`` (rewritten atomically)."""
+
+    def __init__(self, out: Path, header: dict) -> None:
+        self.out, self.header = out, header
+        self.files: list[dict] = []
+        self.unreadable: list[dict] = []
+
+    def write(self, *, interrupted: bool = False) -> None:
+        record = {**self.header, "files": self.files, "unreadable": self.unreadable, "interrupted": interrupted}
+        tmp = self.out / f".predictions.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self.out / "predictions.json")
+
+
+def _write_prediction(out: Path, name: Path, rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                      cityscapes_ids: bool) -> dict:
+    """Write one image's label map and overlay (and labelId PNG); returns its entry of predictions.json.
+
+    When interrupted, the files of this image already written are removed, so that every file
+    on disk is listed.
+    """
+    from sclseg.viz import colorize, overlay, save_png
+
+    written: list[Path] = []
+    try:
+        written.append(save_png(labels, out / f"{name}_labels.png", palette=palette))
+        side_by_side = np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)
+        written.append(save_png(side_by_side, out / f"{name}_overlay.png"))
+        entry = {"input": None, "labels": str(written[0]), "overlay": str(written[1])}
+        if cityscapes_ids:
+            from sclseg.engine.score_files import write_cityscapes_prediction
+
+            submission = write_cityscapes_prediction(labels, name.name, out / "cityscapes_label_ids" / name.parent,
+                                                     size=None)
+            written.append(submission["label_ids"])
+            entry["cityscapes_label_ids"] = str(submission["label_ids"])
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return entry
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from sclseg.data import ClassInfo, palette_array
+    from sclseg.data.folder import read_image
     from sclseg.engine.inference import predict_probs
-    from sclseg.viz import colorize, overlay
 
     out = _predict_options(args)
-    device = _device(args.device, "--device")
+    device = resolve_device(args.device, "--device")
     inputs = _input_files(args.inputs, exclude=out)
     model, cfg, ckpt = _checkpoint_model(args.checkpoint, use_teacher=not args.student)
     try:
@@ -285,37 +320,35 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror}); expected a writable folder") from None
     model.to(device).eval()
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(ckpt["class_colors"])] = np.asarray(ckpt["class_colors"], dtype=np.uint8)
+    palette = palette_array([ClassInfo(n, tuple(c)) for n, c in zip(ckpt["class_names"], ckpt["class_colors"])])
     scales = args.scales if args.scales else cfg.eval.scales
     tile = args.tile if args.tile else cfg.eval.tile
-    written = []
-    for path, name in inputs:
-        try:
-            rgb = np.array(Image.open(path).convert("RGB"))
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read image ({exc})") from exc
-        image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(device)
-        probs = predict_probs(model, image, scales=scales, flip=args.flip or cfg.eval.flip, tile=tile,
-                              overlap=cfg.eval.tile_overlap, protocol=cfg.eval.protocol)
-        labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        label_png = Image.fromarray(labels, mode="P")
-        label_png.putpalette(palette.flatten().tolist())
-        label_path = out / f"{name}_labels.png"
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        label_png.save(label_path)
-        overlay_path = out / f"{name}_overlay.png"
-        Image.fromarray(np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)).save(overlay_path)
-        entry = {"input": str(path), "labels": str(label_path), "overlay": str(overlay_path)}
-        if args.cityscapes_ids:
-            from sclseg.engine.score_files import write_cityscapes_prediction
-
-            submission = write_cityscapes_prediction(labels, name.name, out / "cityscapes_label_ids" / name.parent, size=None)
-            entry["cityscapes_label_ids"] = str(submission["label_ids"])
-        written.append(entry)
-    (out / "predictions.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "class_names": ckpt["class_names"],
-                                                      "files": written}, indent=2))
-    print(f"wrote {len(written)} label maps and overlays to {out}")
+    done = _Predictions(out, {"checkpoint": str(args.checkpoint), "class_names": ckpt["class_names"]})
+    try:
+        for path, name in inputs:
+            try:
+                image = read_image(path)
+            except (ValueError, FileNotFoundError) as exc:
+                done.unreadable.append({"input": str(path), "error": str(exc)})
+                print(f"skipped: {exc}", file=sys.stderr)
+                continue
+            rgb = image.permute(1, 2, 0).numpy()
+            probs = predict_probs(model, image[None].float().div(255).to(device), scales=scales,
+                                  flip=args.flip or cfg.eval.flip, tile=tile, overlap=cfg.eval.tile_overlap,
+                                  protocol=cfg.eval.protocol)
+            labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            done.files.append(_write_prediction(out, name, rgb, labels, palette, args.cityscapes_ids) | {"input": str(path)})
+    except KeyboardInterrupt:
+        done.write(interrupted=True)
+        print(f"sclseg predict: interrupted; the {len(done.files)} label maps and overlays written before it are "
+              f"whole and listed in {out / 'predictions.json'}", file=sys.stderr)
+        return 130
+    done.write()
+    print(f"wrote {len(done.files)} label maps and overlays to {out}")
+    if done.unreadable:
+        print(f"sclseg predict: error: {len(done.unreadable)} of {len(inputs)} images could not be read (listed "
+              f"under 'unreadable' in {out / 'predictions.json'})", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -513,8 +546,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, CheckpointWriteFailed) as exc:
         print(f"sclseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # before the training loop catches signals: nothing to save yet
-        print(f"sclseg {args.command}: interrupted outside a training step; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # before the training loop (or predict's) catches it: nothing to save yet
+        stage = "before the first training step; no checkpoint was written" if args.command == "train" else "before its results were written"
+        print(f"sclseg {args.command}: interrupted {stage}", file=sys.stderr)
         return 130
 
 

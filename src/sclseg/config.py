@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -392,8 +391,6 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
 
 def _validate_data(d: DataConfig, method: str) -> None:
     _check(len(d.crop_size) == 2 and all(v >= 1 for v in d.crop_size), "data.crop_size", "[height, width] >= 1",
@@ -453,6 +450,8 @@ def _validate_method(m: MethodConfig) -> None:
 
 
 def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
+    from sclseg.device import check_device_name  # it raises this module's ConfigError
+
     _check(o.lr > 0, "optim.lr", "> 0", o.lr)
     _check(0 <= o.momentum < 1, "optim.momentum", "a value in [0, 1)", o.momentum)
     _check(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
@@ -461,7 +460,7 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
     _check(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", o.head_lr_multiplier)
     for key in ("iterations", "grad_accum", "keep_last", "log_interval", "eval_interval", "checkpoint_interval"):
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
-    _check(bool(_DEVICE.match(t.device)), "train.device", "auto, cpu, cuda or cuda:N", t.device)
+    check_device_name(t.device, "train.device")
     _check(t.threads is None or t.threads >= 1, "train.threads", "None or >= 1", t.threads)
     _check(t.prefetch != "on" or t.activation_checkpointing == "off", "train.prefetch",
            "auto or off with train.activation_checkpointing (its replay in the backward pass resets the random "
