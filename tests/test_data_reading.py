@@ -68,3 +68,22 @@ def test_check_flags_jpeg_data_under_a_png_mask_name(tmp_path) -> None:
     assert (decoded != mask).any()  # the lossy copy changed class values
     (problem,) = check_data(_cfg(tmp_path), cache=False).problems
     assert problem.file.endswith("m.png") and "JPEG data" in problem.what and "lossless index PNG" in problem.expected
+
+
+def test_data_without_an_evaluation_split_trains_without_evaluation_and_says_so(tmp_path, capsys) -> None:
+    from sclseg.cli import main
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for i in range(4):
+        _photo(root / "images" / f"s{i}.png", rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), 1)
+        _mask(root / "masks" / f"s{i}.png", rng.integers(0, 2, (16, 16)))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  name: folder\n  root: {root}\n  crop_size: [16, 16]\n  batch_size: 2\n  folder:\n"
+                      "    classes: [dark, bright]\n    val_fraction: 0\nmodel:\n  name: compact\n  width: 8\n"
+                      "method:\n  name: supervised\ntrain:\n  threads: 1\n  iterations: 2\n  eval_interval: 1\n")
+    out = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(out)]) == 0
+    assert "trains without evaluation" in capsys.readouterr().err
+    assert (out / "step_2.pt").is_file() and not (out / "best.pt").exists()
+    assert '"kind": "eval"' not in (out / "metrics.jsonl").read_text()

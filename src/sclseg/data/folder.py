@@ -270,6 +270,9 @@ def build_folder(cfg: Config, *, for_training: bool = True):
         pairs = [pairs[i] for i in train_idx]
     if (root / "test").exists():
         eval_splits["test"] = FolderDataset(_pairs(root / "test" / "images", root / "test" / "masks"), classes, split="test", **common)
+    if for_training and not eval_splits:
+        print(f"folder data: {root} has no evaluation split (no val/ or test/, data.folder.val_fraction 0): the run "
+              "trains without evaluation and writes no best.pt", file=sys.stderr)
 
     held_back: list[tuple[Path, Optional[Path]]] = []
     if f.labeled_fraction is not None:

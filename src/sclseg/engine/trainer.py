@@ -249,6 +249,7 @@ class Trainer:
         same schedule) with a checkpoint, as a pre-emption would; a resumed run continues from there.
         """
         t, state = self.cfg.train, self.state
+        evaluate = evaluate and self.evaluator.dataset is not None  # data with no evaluation split
         if state.iteration >= t.iterations and self.folder.read_final() is not None:  # a finished run
             return self.folder.read_final()
         stop_at = t.iterations if until is None else min(int(until), t.iterations)
