@@ -450,7 +450,7 @@ def _validate_method(m: MethodConfig) -> None:
 
 
 def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
-    from sclseg.device import check_device_name  # it raises this module's ConfigError
+    from sclseg.device import DEVICE_NAMES, is_device_name  # it imports this module's ConfigError
 
     _check(o.lr > 0, "optim.lr", "> 0", o.lr)
     _check(0 <= o.momentum < 1, "optim.momentum", "a value in [0, 1)", o.momentum)
@@ -460,7 +460,7 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
     _check(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", o.head_lr_multiplier)
     for key in ("iterations", "grad_accum", "keep_last", "log_interval", "eval_interval", "checkpoint_interval"):
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
-    check_device_name(t.device, "train.device")
+    _check(is_device_name(t.device), "train.device", DEVICE_NAMES, t.device)
     _check(t.threads is None or t.threads >= 1, "train.threads", "None or >= 1", t.threads)
     _check(t.prefetch != "on" or t.activation_checkpointing == "off", "train.prefetch",
            "auto or off with train.activation_checkpointing (its replay in the backward pass resets the random "

@@ -12,18 +12,17 @@ import torch
 
 from sclseg.config import ConfigError
 
-__all__ = ["check_device_name", "resolve_device"]
+__all__ = ["DEVICE_NAMES", "is_device_name", "resolve_device"]
+
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-def check_device_name(request: str, source: str) -> None:
-    """Refuse a device setting that names no device (``source``: the key or flag the error names).
-
-    Whether the machine has that device is :func:`resolve_device`'s question, asked where it runs.
-    """
-    if not isinstance(request, str) or not _DEVICE.match(request):
-        raise ConfigError(f"{source} {request!r}: expected auto, cpu, cuda, cuda:N or mps")
+def is_device_name(request: str) -> bool:
+    """Whether ``request`` names a device (:data:`DEVICE_NAMES`); whether this machine has it is
+    :func:`resolve_device`'s question, asked where the run starts."""
+    return isinstance(request, str) and bool(_DEVICE.match(request))
 
 
 def resolve_device(request: str, source: str, *, local_rank: int = 0) -> torch.device:
@@ -32,7 +31,8 @@ def resolve_device(request: str, source: str, *, local_rank: int = 0) -> torch.d
     ``auto`` and a bare ``cuda`` take GPU ``local_rank`` (one process per GPU under torchrun).
     A device this machine does not have is a :class:`~sclseg.config.ConfigError` naming ``source``.
     """
-    check_device_name(request, source)
+    if not is_device_name(request):
+        raise ConfigError(f"{source} {request!r}: expected {DEVICE_NAMES}")
     if request == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(request)
