@@ -1,4 +1,4 @@
-"""The ``sclseg`` command: train, evaluate, check, predict, export, demo, compare.
+"""The ``sclseg`` command: train, evaluate, check, predict, export, demo, compare, config.
 
 Every command prints a human-readable result and writes a JSON file beside it.
 """
@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
@@ -401,12 +402,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = ("Semi-supervised semantic segmentation with the Structured Consistency Loss: train, evaluate, "
+                "check, predict, export, demo, compare, config. Every command prints its result and writes "
+                "a JSON file beside it.")
+
+_OVERRIDES = """config overrides:
+  Any config key can be set after the command as section.key=value (the value is YAML), e.g.
+    train.iterations=200 method.name=cl
+    data.crop_size=[256,256] optim.lr=0.0001
+  Every key, its default and its meaning: sclseg config show CONFIG (and docs/config.md)."""
+
+
+def _command(sub, name: str, help_text: str, *, overrides: bool = True, description: Optional[str] = None
+             ) -> argparse.ArgumentParser:
+    """A subcommand; one that takes config overrides explains them in its --help (kept as laid out)."""
+    return sub.add_parser(name, help=help_text, epilog=_OVERRIDES if overrides else None,
+                          description=textwrap.fill(description or help_text, 100),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from sclseg.config_reference import show
+
+    print(show(_load(args.config, args.overrides)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sclseg", description=__doc__)
-    parser.epilog = "Config overrides (train, evaluate, demo, compare): section.key=value, e.g. method.name=cl train.iterations=200"
+    from sclseg import __version__
+
+    parser = argparse.ArgumentParser(prog="sclseg", description=textwrap.fill(_DESCRIPTION, 100), epilog=_OVERRIDES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sclseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
+    p = _command(sub, "train", "train a model from a YAML config")
     p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -417,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="with --dry-run: skip the full data check")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on a split of the config's data")
+    p = _command(sub, "evaluate", "score a checkpoint on a split of the config's data")
     p.add_argument("config")
     p.add_argument("--checkpoint", help="score this checkpoint's model")
     p.add_argument("--predictions", help="score the prediction PNGs in this folder instead of a model")
@@ -426,21 +456,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("check", help="read every image and mask of a config's data; report every bad file",
-                       description="Decode every image and mask of every split CONFIG uses (labeled, unlabeled, "
-                                   "val, test) in parallel and report every problem at once: unreadable or "
-                                   "truncated files, RGB masks, mask/image size mismatches, values outside the "
-                                   "classes, missing masks, classes no labeled mask contains. Exit 0 when clean, "
-                                   "2 when problems were found. Results are cached per file (path, size, mtime) "
-                                   "in <data.root>/.sclseg_cache/data_check.json (data.class_uniform.cache_dir "
-                                   "when set).")
+    p = _command(sub, "check", "read every image and mask of a config's data; report every bad file",
+                 description="Decode every image and mask of every split CONFIG uses (labeled, unlabeled, val, "
+                             "test) in parallel and report every problem at once: unreadable or truncated files, "
+                             "RGB masks, lossy (JPEG) masks, mask/image size mismatches (naming an EXIF orientation "
+                             "tag that turns the image), values outside the classes, missing masks, classes no "
+                             "labeled mask contains. Exit 0 when clean, 2 when problems were found. Results are "
+                             "cached per file (path, size, mtime) in <data.root>/.sclseg_cache/data_check.json "
+                             "(data.class_uniform.cache_dir when set).")
     p.add_argument("config", help="YAML file, or a packaged config name")
     p.add_argument("--workers", type=int, help="threads decoding files (default: the CPU count, at most 16)")
     p.add_argument("--report", help="JSON report (default: runs/<config name>/check.json)")
     p.add_argument("--no-cache", action="store_true", help="re-read every file; neither read nor update the cache")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("predict", help="label images with a checkpoint")
+    p = _command(sub, "predict", "label images with a checkpoint", overrides=False)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True,
@@ -455,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="write the weights-only inference file of a checkpoint")
+    p = _command(sub, "export", "write the weights-only inference file of a checkpoint", overrides=False)
     p.add_argument("checkpoint", help="a training checkpoint (step_N.pt, best.pt)")
     p.add_argument("out", help="output file (e.g. model.pt); predict and evaluate accept it as --checkpoint")
     p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
@@ -464,13 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods_help = "methods to compare (default: supervised cl scl)"
     seeds_help = "train seeds; each method runs once per seed, paired by seed (default: 0)"
-    p = sub.add_parser("demo", help="supervised vs cl vs scl on the embedded digit scenes")
+    p = _command(sub, "demo", "supervised vs cl vs scl on the embedded digit scenes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", nargs="+", default=["0"], help=seeds_help)
     p.add_argument("--methods", nargs="+", default=["supervised", "cl", "scl"], help=methods_help)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("compare", help="methods on any config over seeds: per-seed results, paired differences, curves")
+    p = _command(sub, "compare", "methods on any config over seeds: per-seed results, paired differences, curves")
     p.add_argument("config", nargs="?", help="YAML file or packaged config name")
     p.add_argument("--methods", nargs="*", default=["supervised", "cl", "scl"],
                    help=methods_help + "; with no name, only the variants are compared")
@@ -483,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize", metavar="DIR",
                    help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run folders")
     p.set_defaults(func=_cmd_compare)
+
+    p = _command(sub, "config", "show a resolved config: every key's value, default and meaning")
+    p.add_argument("action", choices=["show"], help="show: print every key of CONFIG (with the overrides)")
+    p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
+    p.set_defaults(func=_cmd_config)
     return parser
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "resolve_config_path",
+    "config_help",
 ]
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -47,69 +48,95 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
+def _help(text: str) -> dict:
+    """A field's one-line meaning, as ``field(metadata=...)``: what ``sclseg config show`` and docs/config.md print."""
+    return {"help": text}
+
+
 @dataclass
 class DigitsConfig:
     """The embedded digit-scenes dataset (see :mod:`sclseg.data.digits`)."""
 
-    image_size: int = 64
-    n_train: int = 2000  # scenes in the training pool (labeled + unlabeled)
-    n_val: int = 200
-    n_test: int = 400
-    n_labeled: int = 60  # labeled scenes taken from the training pool; the rest is unlabeled
-    min_digits: int = 2
-    max_digits: int = 4
-    digit_scale: list[int] = field(default_factory=lambda: [3, 5])  # 8x8 digits upscaled this much
-    seed: int = 0
+    image_size: int = field(default=64, metadata=_help("side of the square digit scenes, in pixels"))
+    n_train: int = field(default=2000, metadata=_help("scenes in the training pool (labeled + unlabeled)"))
+    n_val: int = field(default=200, metadata=_help("scenes in the val split"))
+    n_test: int = field(default=400, metadata=_help("scenes in the test split"))
+    n_labeled: int = field(default=60,
+        metadata=_help("labeled scenes taken from the training pool; the rest is unlabeled"))
+    min_digits: int = field(default=2, metadata=_help("fewest digits per scene"))
+    max_digits: int = field(default=4, metadata=_help("most digits per scene"))
+    digit_scale: list[int] = field(default_factory=lambda: [3, 5],
+        metadata=_help("[low, high] upscaling of the 8x8 digits"))
+    seed: int = field(default=0, metadata=_help("seed of the generated scenes"))
 
 
 @dataclass
 class CityscapesConfig:
     """Cityscapes splits (see :mod:`sclseg.data.cityscapes` and docs/data.md)."""
 
-    labeled: Literal["train", "trainval"] = "train"  # fine splits whose labels are used ("trainval" = paper's Ours+)
-    split_dir: Optional[str] = None  # UniMatch/CPS folder with labeled.txt (+ unlabeled.txt); cwd- or root-relative
-    labeled_fraction: Optional[float] = None  # keep this share of the fine pool labeled (seeded), hold back the rest
-    labeled_count: Optional[int] = None  # ... or this many images (e.g. 372 = the community's 1/8)
-    split_seed: int = 0
-    held_back_unlabeled: bool = True  # fine images whose labels are held back join the unlabeled pool
-    extra_unlabeled: bool = True  # leftImg8bit/train_extra images join the unlabeled pool (coarse labels unused)
+    labeled: Literal["train", "trainval"] = field(default="train",
+        metadata=_help("fine splits whose labels are used (trainval: the paper's Ours+)"))
+    split_dir: Optional[str] = field(default=None,
+        metadata=_help("UniMatch/CPS split folder with labeled.txt (+ unlabeled.txt), cwd- or root-relative"))
+    labeled_fraction: Optional[float] = field(default=None,
+        metadata=_help("keep this share of the fine pool labeled (seeded), hold back the rest"))
+    labeled_count: Optional[int] = field(default=None,
+        metadata=_help("or keep this many images labeled (372 = the community's 1/8)"))
+    split_seed: int = field(default=0, metadata=_help("seed of labeled_fraction / labeled_count"))
+    held_back_unlabeled: bool = field(default=True,
+        metadata=_help("fine images whose labels are held back join the unlabeled pool"))
+    extra_unlabeled: bool = field(default=True,
+        metadata=_help("leftImg8bit/train_extra images join the unlabeled pool (coarse labels unused)"))
 
 
 @dataclass
 class FolderConfig:
     """A folder of images and index-PNG masks (see :mod:`sclseg.data.folder`)."""
 
-    classes: list[str] = field(default_factory=list)  # class names; mask value i = classes[i]
-    colors: Optional[list[list[int]]] = None  # RGB per class for outputs; None = a default palette
-    ignore_value: int = 255  # mask value of unlabelled pixels (mapped to data.ignore_index)
-    val_fraction: float = 0.1  # held out of images/ for evaluation when ROOT/val/ is absent
-    labeled_fraction: Optional[float] = None  # keep this share of images/ labeled; the rest joins the unlabeled pool
-    split_seed: int = 0
+    classes: list[str] = field(default_factory=list, metadata=_help("class names; mask value i is classes[i]"))
+    colors: Optional[list[list[int]]] = field(default=None,
+        metadata=_help("RGB per class for outputs; null: a default palette"))
+    ignore_value: int = field(default=255,
+        metadata=_help("mask value of unlabelled pixels (mapped to data.ignore_index)"))
+    val_fraction: float = field(default=0.1,
+        metadata=_help("share of images/ held out as val when ROOT/val/ is absent; 0: none"))
+    labeled_fraction: Optional[float] = field(default=None,
+        metadata=_help("keep this share of images/ labeled; the rest joins the unlabeled pool"))
+    split_seed: int = field(default=0, metadata=_help("seed of val_fraction and labeled_fraction"))
 
 
 @dataclass
 class ClassUniformConfig:
     """Class-uniform sampling of labeled crops (Zhu et al.; see :mod:`sclseg.data.class_uniform`)."""
 
-    enabled: bool = False
-    fraction: float = 0.5  # share of labeled crops centred on a pixel of a uniformly chosen class
-    tile_size: int = 1024  # centroids are computed per class per tile of this size
-    cache_dir: Optional[str] = None  # default: <data.root>/.sclseg_cache
+    enabled: bool = field(default=False, metadata=_help("class-uniform sampling of labeled crops (Zhu et al.)"))
+    fraction: float = field(default=0.5,
+        metadata=_help("share of labeled crops centred on a pixel of a uniformly chosen class"))
+    tile_size: int = field(default=1024, metadata=_help("class centroids are computed per tile of this size"))
+    cache_dir: Optional[str] = field(default=None,
+        metadata=_help("where centroids and the data check's cache live; null: <data.root>/.sclseg_cache"))
 
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "folder", "cityscapes"] = "digits"
-    root: Optional[str] = None
-    crop_size: list[int] = field(default_factory=lambda: [64, 64])  # H, W of training crops
-    batch_size: int = 8  # labeled images per step (per process)
-    unlabeled_batch_size: int = 8  # unlabeled images per step (per process), >= 2 for pairing
-    num_workers: int = 0
-    scale_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
-    hflip: bool = False
-    color_jitter: float = 0.3
-    blur_prob: float = 0.3
-    ignore_index: int = 255
+    name: Literal["digits", "folder", "cityscapes"] = field(default="digits",
+        metadata=_help("which dataset: the embedded digit scenes, a folder of images and masks, or Cityscapes"))
+    root: Optional[str] = field(default=None,
+        metadata=_help("folder of the dataset (folder, cityscapes); unused by digits"))
+    crop_size: list[int] = field(default_factory=lambda: [64, 64],
+        metadata=_help("[height, width] of the training crops"))
+    batch_size: int = field(default=8, metadata=_help("labeled images per step, per process"))
+    unlabeled_batch_size: int = field(default=8,
+        metadata=_help("unlabeled images per step, per process (>= 2: they are mixed in pairs)"))
+    num_workers: int = field(default=0,
+        metadata=_help("data-loading worker processes (0: load in the training process)"))
+    scale_range: list[float] = field(default_factory=lambda: [0.8, 1.25],
+        metadata=_help("[low, high] random rescaling of training images before cropping"))
+    hflip: bool = field(default=False, metadata=_help("random horizontal flips (off for digits: a mirrored 2 is no 2)"))
+    color_jitter: float = field(default=0.3,
+        metadata=_help("strength of the random brightness, contrast and saturation change"))
+    blur_prob: float = field(default=0.3, metadata=_help("probability of a random Gaussian blur per image"))
+    ignore_index: int = field(default=255, metadata=_help("label value of pixels that no loss or score counts"))
     digits: DigitsConfig = field(default_factory=DigitsConfig)
     cityscapes: CityscapesConfig = field(default_factory=CityscapesConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
@@ -128,11 +155,15 @@ class ModelConfig:
         "dpt_dinov2_small",
         "dpt_dinov2_base",
         "dpt_dinov2_large",
-    ] = "compact"
-    output_stride: Literal[8, 16] = 8
-    width: int = 32  # base channel count of the compact model
-    pretrained: Optional[str] = None  # local file of the whole network's or the encoder's weights, never downloaded
-    pretrained_weights: Literal["ema", "model"] = "ema"  # of a file with both (UniMatch V2's model_ema/model, sclseg's teacher/student)
+    ] = field(default="compact", metadata=_help(
+        "network: compact, DeepLabV3+ (WRN-38 as Zhu et al., ResNet, UniMatch V1's deep stem) or DPT-DINOv2"))
+    output_stride: Literal[8, 16] = field(default=8,
+        metadata=_help("encoder output stride of the DeepLabV3+ models (8 or 16)"))
+    width: int = field(default=32, metadata=_help("base channel count of the compact model"))
+    pretrained: Optional[str] = field(default=None,
+        metadata=_help("local file of the whole network's or the encoder's weights (never downloaded); null: none"))
+    pretrained_weights: Literal["ema", "model"] = field(default="ema",
+        metadata=_help("which weights of a file that holds both: ema (teacher) or model (student)"))
 
 
 @dataclass
@@ -158,47 +189,61 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 0.001
-    poly_power: float = 1.0
-    nesterov: bool = False
-    name: Literal["sgd", "adamw"] = "sgd"  # adamw: as UniMatch V2 (see sclseg.engine.optim)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
-    head_lr_multiplier: float = 1.0  # lr factor of every parameter outside model.encoder (UniMatch V2: 40)
+    lr: float = field(default=0.002, metadata=_help("initial learning rate"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=0.001, metadata=_help("weight decay"))
+    poly_power: float = field(default=1.0,
+        metadata=_help("power of the poly schedule lr * (1 - step / iterations) ** power"))
+    nesterov: bool = field(default=False, metadata=_help("Nesterov momentum (SGD)"))
+    name: Literal["sgd", "adamw"] = field(default="sgd",
+        metadata=_help("optimizer: sgd (the paper) or adamw (UniMatch V2)"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
+    head_lr_multiplier: float = field(default=1.0,
+        metadata=_help("lr factor of every parameter outside model.encoder (UniMatch V2: 40)"))
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1000
-    eval_interval: int = 500
-    log_interval: int = 50
-    checkpoint_interval: int = 500
-    keep_last: int = 2
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None  # torch intra-op threads on CPU
-    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
-    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step (one iteration)
-    activation_checkpointing: Literal["off", "encoder", "all"] = "off"  # recompute encoder blocks (and the decoder: all) in backward to save memory
-    channels_last: bool = False  # NHWC memory format for the model and its inputs
-    compile: bool = False  # torch.compile the student (slow first steps; mostly for GPUs)
-    teacher_thread: Literal["auto", "on", "off"] = "auto"  # EMA teacher's forward beside the student's; auto: on a CPU with a core to spare
-    prefetch: Literal["auto", "on", "off"] = "auto"  # next step's batches loaded beside the backward pass; auto: likewise
-    sync_bn: bool = True  # synchronize the student's BatchNorm statistics across processes (DDP)
+    iterations: int = field(default=1000, metadata=_help("optimizer steps of the run"))
+    eval_interval: int = field(default=500, metadata=_help("evaluate every this many steps (and at the end)"))
+    log_interval: int = field(default=50, metadata=_help("write a metrics record every this many steps"))
+    checkpoint_interval: int = field(default=500,
+        metadata=_help("write step_N.pt every this many steps (and at the end)"))
+    keep_last: int = field(default=2, metadata=_help("step_N.pt files kept (best.pt is kept apart)"))
+    seed: int = field(default=0, metadata=_help("seed of the weights, the data order and the augmentations"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    threads: Optional[int] = field(default=None, metadata=_help("torch intra-op threads on CPU; null: torch's default"))
+    amp: Literal["off", "bf16", "fp16"] = field(default="off",
+        metadata=_help("autocast dtype: off, bf16 or fp16 (fp16 adds loss scaling)"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches of data.batch_size per optimizer step"))
+    activation_checkpointing: Literal["off", "encoder", "all"] = field(default="off",
+        metadata=_help("recompute encoder blocks (all: and the decoder) in backward to save memory"))
+    channels_last: bool = field(default=False, metadata=_help("NHWC memory format for the model and its inputs"))
+    compile: bool = field(default=False,
+        metadata=_help("torch.compile the student (slow first steps; mostly for GPUs)"))
+    teacher_thread: Literal["auto", "on", "off"] = field(default="auto",
+        metadata=_help("EMA teacher's forward beside the student's; auto: on a CPU with a core to spare"))
+    prefetch: Literal["auto", "on", "off"] = field(default="auto",
+        metadata=_help("next step's batches loaded beside the backward pass; auto: on a CPU with a core to spare"))
+    sync_bn: bool = field(default=True,
+        metadata=_help("synchronize the student's BatchNorm statistics across processes (DDP)"))
 
 
 @dataclass
 class EvalConfig:
-    split: str = "val"
-    use_teacher: bool = True  # evaluate the EMA weights (paper Table 3)
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
-    tile: Optional[list[int]] = None  # sliding-window tile H, W; None = whole image
-    tile_overlap: float = 1.0 / 3.0
-    protocol: Literal["tiles", "unimatch_v1", "unimatch_v2"] = "tiles"  # window placement (sclseg.engine.inference); unimatch_*: tile = window (default 801 / 798)
-    batch_size: int = 16
-    boundary_width: int = 3  # boundary_miou scores the pixels within this many pixels of a label edge; 0 = off
+    split: str = field(default="val", metadata=_help("split scored during training and by evaluate"))
+    use_teacher: bool = field(default=True, metadata=_help("score the EMA teacher (paper Table 3); false: the student"))
+    scales: list[float] = field(default_factory=lambda: [1.0],
+        metadata=_help("scales averaged at evaluation (multi-scale)"))
+    flip: bool = field(default=False, metadata=_help("also average the horizontally flipped image"))
+    tile: Optional[list[int]] = field(default=None,
+        metadata=_help("[height, width] of sliding-window tiles; null: the whole image"))
+    tile_overlap: float = field(default=1.0 / 3.0, metadata=_help("share by which neighbouring tiles overlap"))
+    protocol: Literal["tiles", "unimatch_v1", "unimatch_v2"] = field(default="tiles",
+        metadata=_help("window placement: tiles, or as UniMatch V1 / V2 (tile = window)"))
+    batch_size: int = field(default=16, metadata=_help("images or tiles per forward pass at evaluation"))
+    boundary_width: int = field(default=3,
+        metadata=_help("boundary_miou scores pixels within this many pixels of a label edge; 0: off"))
 
 
 @dataclass
@@ -209,6 +254,43 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+#: The one-line meaning of each :class:`MethodConfig` field (its fields carry no metadata); a new
+#: field needs its line here, which a test checks.
+_METHOD_HELP = {
+    "name": "supervised, cl (CutMix consistency) or scl (cl + structured consistency)",
+    "n_boxes": "CutMix boxes per unlabeled pair (N)",
+    "box_area": "share of the image the boxes cover together",
+    "last_boxes": "boxes whose regions the structured loss uses, the last pasted (N_box)",
+    "max_pairs": "pixel pairs sampled per region (N_pair); null: all pairs",
+    "pair_sampling": "how L_sc samples regions with more than N_pair pairs: pairs or pixels (see losses)",
+    "lambda_c": "weight of the consistency loss L_c",
+    "lambda_sc": "weight of the structured consistency loss L_sc",
+    "ema_decay": "decay of the EMA teacher",
+    "teacher": "who predicts the guessed labels: ema, or the student (the EMA kept for evaluation only)",
+    "relax_window": "boundary label relaxation window (1: plain cross-entropy)",
+    "rampup_iters": "sigmoid ramp-up of the unlabeled weight over this many steps (0: none, as the paper)",
+    "unlabeled_start": "supervised warm-up steps before the unlabeled terms start",
+    "confidence": "L_c only where the teacher's top probability exceeds this; null: everywhere (the paper)",
+    "sc_confident_only": "L_sc only among the pixels the confidence mask keeps (false: every box pixel)",
+}
+
+
+def config_help() -> dict[str, str]:
+    """``{"section.key": meaning}`` for every key of :class:`Config`, in declaration order."""
+
+    def walk(cls: type, prefix: str) -> dict[str, str]:
+        hints, out = typing.get_type_hints(cls), {}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out |= walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                extra = _METHOD_HELP.get(f.name, "") if cls is MethodConfig else ""
+                out[f"{prefix}{f.name}"] = f.metadata.get("help", extra)
+        return out
+
+    return walk(Config, "")
 
 
 def _type_name(tp: Any) -> str:
