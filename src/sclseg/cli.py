@@ -132,9 +132,10 @@ def _check_same_model(path: str, cfg: Config, saved: Config, ckpt: dict, data) -
     differ = [k for k in ("name", "width", "output_stride")
               if getattr(cfg.model, k) != getattr(saved.model, k)]
     if differ:
-        raise ValueError(f"{path}: the checkpoint holds model " + ", ".join(f"{k}={getattr(saved.model, k)!r}" for k in differ)
-                         + ", the config asks for " + ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in differ)
-                         + "; evaluate with the run's own config.yaml, or set model.* to the checkpoint's")
+        held = ", ".join(f"{k}={getattr(saved.model, k)!r}" for k in differ)
+        asked = ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in differ)
+        raise ValueError(f"{path}: the checkpoint holds model {held}, the config asks for {asked}; evaluate with the "
+                         "run's own config.yaml, or set model.* to the checkpoint's")
     names = [c.name for c in data.classes]
     if list(ckpt.get("class_names") or names) != names:
         raise ValueError(f"{path}: the checkpoint's classes are {', '.join(ckpt['class_names'])}, the config's data "
@@ -292,7 +293,7 @@ def _write_prediction(out: Path, name: Path, rgb: np.ndarray, labels: np.ndarray
         written.append(save_png(labels, out / f"{name}_labels.png", palette=palette))
         side_by_side = np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)
         written.append(save_png(side_by_side, out / f"{name}_overlay.png"))
-        entry = {"input": None, "labels": str(written[0]), "overlay": str(written[1])}
+        entry = {"labels": str(written[0]), "overlay": str(written[1])}
         if cityscapes_ids:
             from sclseg.engine.score_files import write_cityscapes_prediction
 
@@ -338,7 +339,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                                   flip=args.flip or cfg.eval.flip, tile=tile, overlap=cfg.eval.tile_overlap,
                                   protocol=cfg.eval.protocol)
             labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
-            done.files.append(_write_prediction(out, name, rgb, labels, palette, args.cityscapes_ids) | {"input": str(path)})
+            entry = _write_prediction(out, name, rgb, labels, palette, args.cityscapes_ids)
+            done.files.append({"input": str(path)} | entry)
     except KeyboardInterrupt:
         done.write(interrupted=True)
         print(f"sclseg predict: interrupted; the {len(done.files)} label maps and overlays written before it are "
@@ -492,6 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store the floating tensors as float16")
     p.set_defaults(func=_cmd_export)
 
+    _add_comparison_commands(sub)
+
+    p = _command(sub, "config", "show a resolved config: every key's value, default and meaning")
+    p.add_argument("action", choices=["show"], help="show: print every key of CONFIG (with the overrides)")
+    p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def _add_comparison_commands(sub) -> None:
+    """``demo`` and ``compare``: methods over seeds."""
     methods_help = "methods to compare (default: supervised cl scl)"
     seeds_help = "train seeds; each method runs once per seed, paired by seed (default: 0)"
     p = _command(sub, "demo", "supervised vs cl vs scl on the embedded digit scenes")
@@ -513,12 +526,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize", metavar="DIR",
                    help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run folders")
     p.set_defaults(func=_cmd_compare)
-
-    p = _command(sub, "config", "show a resolved config: every key's value, default and meaning")
-    p.add_argument("action", choices=["show"], help="show: print every key of CONFIG (with the overrides)")
-    p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
-    p.set_defaults(func=_cmd_config)
-    return parser
 
 
 #: Exit codes (README, "Commands").
@@ -582,7 +589,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"sclseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # before the training loop (or predict's) catches it: nothing to save yet
-        stage = "before the first training step; no checkpoint was written" if args.command == "train" else "before its results were written"
+        stage = ("before the first training step; no checkpoint was written" if args.command == "train"
+                 else "before its results were written")
         print(f"sclseg {args.command}: interrupted {stage}", file=sys.stderr)
         return 130
 

@@ -14,8 +14,8 @@ from typing import Optional
 
 from sclseg.config import ConfigError
 
-__all__ = [
-    "RunFolderInUse", "RunFolderLocked", "TrainingStopped", "TrainingInterrupted", "NonFiniteLoss", "EvaluationFailed", "CheckpointWriteFailed"]
+__all__ = ["RunFolderInUse", "RunFolderLocked", "TrainingStopped", "TrainingInterrupted", "NonFiniteLoss",
+           "EvaluationFailed", "CheckpointWriteFailed"]
 
 
 class TrainingStopped(RuntimeError):
