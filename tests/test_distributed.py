@@ -114,8 +114,8 @@ def test_two_processes_equal_one_process_with_the_double_batch(ddp_runs) -> None
 def test_only_rank_zero_writes_files_and_logs(ddp_runs) -> None:
     root, result = ddp_runs
     run = root / "two"
-    assert sorted(p.name for p in run.iterdir() if p.name != "tb") == ["best.pt", "config.yaml", "final.json",
-                                                                      "metrics.jsonl", "step_4.pt"]
+    assert sorted(p.name for p in run.iterdir() if p.name not in ("tb", ".sclseg.lock")) == [
+        "best.pt", "config.yaml", "final.json", "metrics.jsonl", "step_4.pt"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["iteration"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
     assert result.stdout.count('"out":') == 1  # the final JSON, printed once

@@ -1,4 +1,4 @@
-"""The ``sclseg`` command: train, evaluate, check, predict, export, demo, compare.
+"""The ``sclseg`` command: train, evaluate, check, predict, export, demo, compare, config.
 
 Every command prints a human-readable result and writes a JSON file beside it.
 """
@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sclseg.config import Config, ConfigError, load_config, resolve_config_path
+from sclseg.device import resolve_device
 
 __all__ = ["main"]
 
@@ -121,26 +123,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(request: str, source: str = "train.device") -> torch.device:
-    """The device ``request`` names (auto, cpu, cuda, cuda:N, mps); ``source`` is the key or flag
-    that errors name."""
-    if request == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(request)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{source} {request!r}: expected auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{source} {request}: CUDA is not available on this machine; use cpu (or auto)")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"{source} {request}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{source} {request}: MPS is not available on this machine; use cpu (or auto)")
-    return device
+def _check_same_model(path: str, cfg: Config, saved: Config, ckpt: dict, data) -> None:
+    """Refuse to score a checkpoint under a config that describes another network or other classes."""
+    if ckpt["num_classes"] != data.num_classes:
+        raise ValueError(f"{path}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
+    if ckpt.get("published"):
+        return
+    differ = [k for k in ("name", "width", "output_stride")
+              if getattr(cfg.model, k) != getattr(saved.model, k)]
+    if differ:
+        held = ", ".join(f"{k}={getattr(saved.model, k)!r}" for k in differ)
+        asked = ", ".join(f"{k}={getattr(cfg.model, k)!r}" for k in differ)
+        raise ValueError(f"{path}: the checkpoint holds model {held}, the config asks for {asked}; evaluate with the "
+                         "run's own config.yaml, or set model.* to the checkpoint's")
+    names = [c.name for c in data.classes]
+    if list(ckpt.get("class_names") or names) != names:
+        raise ValueError(f"{path}: the checkpoint's classes are {', '.join(ckpt['class_names'])}, the config's data "
+                         f"names {', '.join(names)}; expected the same classes in the same order")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -164,10 +163,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         from sclseg.engine.evaluate import evaluate_model
 
-        device = _device(cfg.train.device)
+        device = resolve_device(cfg.train.device, "train.device")
         model, model_cfg, ckpt = _checkpoint_model(args.checkpoint, not args.student, cfg, data.num_classes)
-        if ckpt["num_classes"] != data.num_classes:
-            raise ValueError(f"{args.checkpoint}: {ckpt['num_classes']} classes, but the config's data has {data.num_classes}")
+        _check_same_model(args.checkpoint, cfg, model_cfg, ckpt, data)
         weights = "student" if args.student else "teacher"
         if ckpt.get("published"):
             weights = "model" if args.student else cfg.model.pretrained_weights
@@ -204,15 +202,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 2
 
 
+_OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png")
+
+
+def _is_own_output(file: Path, out: Optional[Path]) -> bool:
+    """Whether ``file`` is something predict writes under ``out`` (a label map, an overlay, a labelId PNG)."""
+    if out is None or not file.is_relative_to(out):
+        return False
+    return file.name.endswith(_OUTPUT_SUFFIXES) or (out / "cityscapes_label_ids") in file.parents
+
+
 def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[tuple[Path, Path]]:
     """The images to label, each with its output name under --out (no suffix added yet).
 
     A file found in a folder keeps its path relative to that folder (``cam2/0001``), a file
     given directly its stem; files whose names would clash keep their extension
-    (``0001_jpg``, ``0001_png``). Files under ``exclude`` (the output folder) are skipped.
-    Two inputs that still share a name are an error naming both.
+    (``0001_jpg``, ``0001_png``). What predict writes under ``exclude`` (the output folder, which
+    may be the input folder) is never read back as an input. Two inputs that still share a name
+    are an error naming both.
     """
-    skip = exclude.resolve() if exclude is not None else None
+    out = exclude.resolve() if exclude is not None else None
     entries: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     for item in inputs:
@@ -226,7 +235,7 @@ def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[
             raise FileNotFoundError(f"input not found: {path}")
         for file, rel in pairs:
             resolved = file.resolve()
-            if resolved not in seen and not (skip is not None and resolved.is_relative_to(skip)):
+            if resolved not in seen and not _is_own_output(resolved, out):
                 seen.add(resolved)
                 entries.append((file, rel))
     if not entries:
@@ -255,12 +264,57 @@ def _predict_options(args: argparse.Namespace) -> Path:
     return out
 
 
+class _Predictions:
+    """What predict has written so far, kept true in ``OUT/predictions.json`` (rewritten atomically)."""
+
+    def __init__(self, out: Path, header: dict) -> None:
+        self.out, self.header = out, header
+        self.files: list[dict] = []
+        self.unreadable: list[dict] = []
+
+    def write(self, *, interrupted: bool = False) -> None:
+        record = {**self.header, "files": self.files, "unreadable": self.unreadable, "interrupted": interrupted}
+        tmp = self.out / f".predictions.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, self.out / "predictions.json")
+
+
+def _write_prediction(out: Path, name: Path, rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                      cityscapes_ids: bool) -> dict:
+    """Write one image's label map and overlay (and labelId PNG); returns its entry of predictions.json.
+
+    When interrupted, the files of this image already written are removed, so that every file
+    on disk is listed.
+    """
+    from sclseg.viz import colorize, overlay, save_png
+
+    written: list[Path] = []
+    try:
+        written.append(save_png(labels, out / f"{name}_labels.png", palette=palette))
+        side_by_side = np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)
+        written.append(save_png(side_by_side, out / f"{name}_overlay.png"))
+        entry = {"labels": str(written[0]), "overlay": str(written[1])}
+        if cityscapes_ids:
+            from sclseg.engine.score_files import write_cityscapes_prediction
+
+            submission = write_cityscapes_prediction(labels, name.name, out / "cityscapes_label_ids" / name.parent,
+                                                     size=None)
+            written.append(submission["label_ids"])
+            entry["cityscapes_label_ids"] = str(submission["label_ids"])
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return entry
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from sclseg.data import ClassInfo, palette_array
+    from sclseg.data.folder import read_image
     from sclseg.engine.inference import predict_probs
-    from sclseg.viz import colorize, overlay
 
     out = _predict_options(args)
-    device = _device(args.device, "--device")
+    device = resolve_device(args.device, "--device")
     inputs = _input_files(args.inputs, exclude=out)
     model, cfg, ckpt = _checkpoint_model(args.checkpoint, use_teacher=not args.student)
     try:
@@ -268,37 +322,36 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror}); expected a writable folder") from None
     model.to(device).eval()
-    palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: len(ckpt["class_colors"])] = np.asarray(ckpt["class_colors"], dtype=np.uint8)
+    palette = palette_array([ClassInfo(n, tuple(c)) for n, c in zip(ckpt["class_names"], ckpt["class_colors"])])
     scales = args.scales if args.scales else cfg.eval.scales
     tile = args.tile if args.tile else cfg.eval.tile
-    written = []
-    for path, name in inputs:
-        try:
-            rgb = np.array(Image.open(path).convert("RGB"))
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read image ({exc})") from exc
-        image = torch.from_numpy(rgb).permute(2, 0, 1)[None].float().div(255).to(device)
-        probs = predict_probs(model, image, scales=scales, flip=args.flip or cfg.eval.flip, tile=tile,
-                              overlap=cfg.eval.tile_overlap, protocol=cfg.eval.protocol)
-        labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        label_png = Image.fromarray(labels, mode="P")
-        label_png.putpalette(palette.flatten().tolist())
-        label_path = out / f"{name}_labels.png"
-        label_path.parent.mkdir(parents=True, exist_ok=True)
-        label_png.save(label_path)
-        overlay_path = out / f"{name}_overlay.png"
-        Image.fromarray(np.concatenate([overlay(rgb, labels, palette), colorize(labels, palette)], axis=1)).save(overlay_path)
-        entry = {"input": str(path), "labels": str(label_path), "overlay": str(overlay_path)}
-        if args.cityscapes_ids:
-            from sclseg.engine.score_files import write_cityscapes_prediction
-
-            submission = write_cityscapes_prediction(labels, name.name, out / "cityscapes_label_ids" / name.parent, size=None)
-            entry["cityscapes_label_ids"] = str(submission["label_ids"])
-        written.append(entry)
-    (out / "predictions.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), "class_names": ckpt["class_names"],
-                                                      "files": written}, indent=2))
-    print(f"wrote {len(written)} label maps and overlays to {out}")
+    done = _Predictions(out, {"checkpoint": str(args.checkpoint), "class_names": ckpt["class_names"]})
+    try:
+        for path, name in inputs:
+            try:
+                image = read_image(path)
+            except (ValueError, FileNotFoundError) as exc:
+                done.unreadable.append({"input": str(path), "error": str(exc)})
+                print(f"skipped: {exc}", file=sys.stderr)
+                continue
+            rgb = image.permute(1, 2, 0).numpy()
+            probs = predict_probs(model, image[None].float().div(255).to(device), scales=scales,
+                                  flip=args.flip or cfg.eval.flip, tile=tile, overlap=cfg.eval.tile_overlap,
+                                  protocol=cfg.eval.protocol)
+            labels = probs.argmax(1)[0].cpu().numpy().astype(np.uint8)
+            entry = _write_prediction(out, name, rgb, labels, palette, args.cityscapes_ids)
+            done.files.append({"input": str(path)} | entry)
+    except KeyboardInterrupt:
+        done.write(interrupted=True)
+        print(f"sclseg predict: interrupted; the {len(done.files)} label maps and overlays written before it are "
+              f"whole and listed in {out / 'predictions.json'}", file=sys.stderr)
+        return 130
+    done.write()
+    print(f"wrote {len(done.files)} label maps and overlays to {out}")
+    if done.unreadable:
+        print(f"sclseg predict: error: {len(done.unreadable)} of {len(inputs)} images could not be read (listed "
+              f"under 'unreadable' in {out / 'predictions.json'})", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 
@@ -351,12 +404,41 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+_DESCRIPTION = ("Semi-supervised semantic segmentation with the Structured Consistency Loss: train, evaluate, "
+                "check, predict, export, demo, compare, config. Every command prints its result and writes "
+                "a JSON file beside it.")
+
+_OVERRIDES = """config overrides:
+  Any config key can be set after the command as section.key=value (the value is YAML), e.g.
+    train.iterations=200 method.name=cl
+    data.crop_size=[256,256] optim.lr=0.0001
+  Every key, its default and its meaning: sclseg config show CONFIG (and docs/config.md)."""
+
+
+def _command(sub, name: str, help_text: str, *, overrides: bool = True, description: Optional[str] = None
+             ) -> argparse.ArgumentParser:
+    """A subcommand; one that takes config overrides explains them in its --help (kept as laid out)."""
+    return sub.add_parser(name, help=help_text, epilog=_OVERRIDES if overrides else None,
+                          description=textwrap.fill(description or help_text, 100),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from sclseg.config_reference import show
+
+    print(show(_load(args.config, args.overrides)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sclseg", description=__doc__)
-    parser.epilog = "Config overrides (train, evaluate, demo, compare): section.key=value, e.g. method.name=cl train.iterations=200"
+    from sclseg import __version__
+
+    parser = argparse.ArgumentParser(prog="sclseg", description=textwrap.fill(_DESCRIPTION, 100), epilog=_OVERRIDES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sclseg {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model from a YAML config")
+    p = _command(sub, "train", "train a model from a YAML config")
     p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -367,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="with --dry-run: skip the full data check")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on a split of the config's data")
+    p = _command(sub, "evaluate", "score a checkpoint on a split of the config's data")
     p.add_argument("config")
     p.add_argument("--checkpoint", help="score this checkpoint's model")
     p.add_argument("--predictions", help="score the prediction PNGs in this folder instead of a model")
@@ -376,21 +458,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON output (default: eval_<split>.json beside the checkpoint)")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("check", help="read every image and mask of a config's data; report every bad file",
-                       description="Decode every image and mask of every split CONFIG uses (labeled, unlabeled, "
-                                   "val, test) in parallel and report every problem at once: unreadable or "
-                                   "truncated files, RGB masks, mask/image size mismatches, values outside the "
-                                   "classes, missing masks, classes no labeled mask contains. Exit 0 when clean, "
-                                   "2 when problems were found. Results are cached per file (path, size, mtime) "
-                                   "in <data.root>/.sclseg_cache/data_check.json (data.class_uniform.cache_dir "
-                                   "when set).")
+    p = _command(sub, "check", "read every image and mask of a config's data; report every bad file",
+                 description="Decode every image and mask of every split CONFIG uses (labeled, unlabeled, val, "
+                             "test) in parallel and report every problem at once: unreadable or truncated files, "
+                             "RGB masks, lossy (JPEG) masks, mask/image size mismatches (naming an EXIF orientation "
+                             "tag that turns the image), values outside the classes, missing masks, classes no "
+                             "labeled mask contains. Exit 0 when clean, 2 when problems were found. Results are "
+                             "cached per file (path, size, mtime) in <data.root>/.sclseg_cache/data_check.json "
+                             "(data.class_uniform.cache_dir when set).")
     p.add_argument("config", help="YAML file, or a packaged config name")
     p.add_argument("--workers", type=int, help="threads decoding files (default: the CPU count, at most 16)")
     p.add_argument("--report", help="JSON report (default: runs/<config name>/check.json)")
     p.add_argument("--no-cache", action="store_true", help="re-read every file; neither read nor update the cache")
     p.set_defaults(func=_cmd_check)
 
-    p = sub.add_parser("predict", help="label images with a checkpoint")
+    p = _command(sub, "predict", "label images with a checkpoint", overrides=False)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True,
@@ -405,22 +487,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="write the weights-only inference file of a checkpoint")
+    p = _command(sub, "export", "write the weights-only inference file of a checkpoint", overrides=False)
     p.add_argument("checkpoint", help="a training checkpoint (step_N.pt, best.pt)")
     p.add_argument("out", help="output file (e.g. model.pt); predict and evaluate accept it as --checkpoint")
     p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
     p.add_argument("--half", action="store_true", help="store the floating tensors as float16")
     p.set_defaults(func=_cmd_export)
 
+    _add_comparison_commands(sub)
+
+    p = _command(sub, "config", "show a resolved config: every key's value, default and meaning")
+    p.add_argument("action", choices=["show"], help="show: print every key of CONFIG (with the overrides)")
+    p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def _add_comparison_commands(sub) -> None:
+    """``demo`` and ``compare``: methods over seeds."""
     methods_help = "methods to compare (default: supervised cl scl; any method.name, e.g. fixmatch fixmatch_scl)"
     seeds_help = "train seeds; each method runs once per seed, paired by seed (default: 0)"
-    p = sub.add_parser("demo", help="supervised vs cl vs scl on the embedded digit scenes")
+    p = _command(sub, "demo", "supervised vs cl vs scl on the embedded digit scenes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", nargs="+", default=["0"], help=seeds_help)
     p.add_argument("--methods", nargs="+", default=["supervised", "cl", "scl"], help=methods_help)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("compare", help="methods on any config over seeds: per-seed results, paired differences, curves")
+    p = _command(sub, "compare", "methods on any config over seeds: per-seed results, paired differences, curves")
     p.add_argument("config", nargs="?", help="YAML file or packaged config name")
     p.add_argument("--methods", nargs="*", default=["supervised", "cl", "scl"],
                    help=methods_help + "; with no name, only the variants are compared")
@@ -433,7 +526,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarize", metavar="DIR",
                    help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run folders")
     p.set_defaults(func=_cmd_compare)
-    return parser
 
 
 #: Exit codes (README, "Commands").
@@ -457,8 +549,12 @@ def _stopped(args: argparse.Namespace, exc) -> int:
 
     if isinstance(exc, TrainingInterrupted):
         code = 128 + exc.signum
-        tail = (f"the newest checkpoint is {exc.checkpoint}" if exc.immediate
-                else f"Resume with: {_resume_hint(args)}")
+        if not exc.immediate:
+            tail = f"Resume with: {_resume_hint(args)}"
+        elif exc.checkpoint is not None:
+            tail = f"the newest whole checkpoint is {exc.checkpoint}; resume with: {_resume_hint(args)}"
+        else:
+            tail = "no checkpoint had been written yet"
     elif isinstance(exc, NonFiniteLoss):
         code = EXIT_NONFINITE
         tail = (f"the last good checkpoint is {exc.checkpoint}; after fixing the cause (e.g. a lower optim.lr) "
@@ -492,8 +588,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, CheckpointWriteFailed) as exc:
         print(f"sclseg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # before the training loop catches signals: nothing to save yet
-        print(f"sclseg {args.command}: interrupted outside a training step; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt:  # before the training loop (or predict's) catches it: nothing to save yet
+        stage = ("before the first training step; no checkpoint was written" if args.command == "train"
+                 else "before its results were written")
+        print(f"sclseg {args.command}: interrupted {stage}", file=sys.stderr)
         return 130
 
 

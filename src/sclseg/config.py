@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "resolve_config_path",
+    "config_help",
 ]
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
@@ -45,69 +45,95 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
+def _help(text: str) -> dict:
+    """A field's one-line meaning, as ``field(metadata=...)``: what ``sclseg config show`` and docs/config.md print."""
+    return {"help": text}
+
+
 @dataclass
 class DigitsConfig:
     """The embedded digit-scenes dataset (see :mod:`sclseg.data.digits`)."""
 
-    image_size: int = 64
-    n_train: int = 2000  # scenes in the training pool (labeled + unlabeled)
-    n_val: int = 200
-    n_test: int = 400
-    n_labeled: int = 60  # labeled scenes taken from the training pool; the rest is unlabeled
-    min_digits: int = 2
-    max_digits: int = 4
-    digit_scale: list[int] = field(default_factory=lambda: [3, 5])  # 8x8 digits upscaled this much
-    seed: int = 0
+    image_size: int = field(default=64, metadata=_help("side of the square digit scenes, in pixels"))
+    n_train: int = field(default=2000, metadata=_help("scenes in the training pool (labeled + unlabeled)"))
+    n_val: int = field(default=200, metadata=_help("scenes in the val split"))
+    n_test: int = field(default=400, metadata=_help("scenes in the test split"))
+    n_labeled: int = field(default=60,
+        metadata=_help("labeled scenes taken from the training pool; the rest is unlabeled"))
+    min_digits: int = field(default=2, metadata=_help("fewest digits per scene"))
+    max_digits: int = field(default=4, metadata=_help("most digits per scene"))
+    digit_scale: list[int] = field(default_factory=lambda: [3, 5],
+        metadata=_help("[low, high] upscaling of the 8x8 digits"))
+    seed: int = field(default=0, metadata=_help("seed of the generated scenes"))
 
 
 @dataclass
 class CityscapesConfig:
     """Cityscapes splits (see :mod:`sclseg.data.cityscapes` and docs/data.md)."""
 
-    labeled: Literal["train", "trainval"] = "train"  # fine splits whose labels are used ("trainval" = paper's Ours+)
-    split_dir: Optional[str] = None  # UniMatch/CPS folder with labeled.txt (+ unlabeled.txt); cwd- or root-relative
-    labeled_fraction: Optional[float] = None  # keep this share of the fine pool labeled (seeded), hold back the rest
-    labeled_count: Optional[int] = None  # ... or this many images (e.g. 372 = the community's 1/8)
-    split_seed: int = 0
-    held_back_unlabeled: bool = True  # fine images whose labels are held back join the unlabeled pool
-    extra_unlabeled: bool = True  # leftImg8bit/train_extra images join the unlabeled pool (coarse labels unused)
+    labeled: Literal["train", "trainval"] = field(default="train",
+        metadata=_help("fine splits whose labels are used (trainval: the paper's Ours+)"))
+    split_dir: Optional[str] = field(default=None,
+        metadata=_help("UniMatch/CPS split folder with labeled.txt (+ unlabeled.txt), cwd- or root-relative"))
+    labeled_fraction: Optional[float] = field(default=None,
+        metadata=_help("keep this share of the fine pool labeled (seeded), hold back the rest"))
+    labeled_count: Optional[int] = field(default=None,
+        metadata=_help("or keep this many images labeled (372 = the community's 1/8)"))
+    split_seed: int = field(default=0, metadata=_help("seed of labeled_fraction / labeled_count"))
+    held_back_unlabeled: bool = field(default=True,
+        metadata=_help("fine images whose labels are held back join the unlabeled pool"))
+    extra_unlabeled: bool = field(default=True,
+        metadata=_help("leftImg8bit/train_extra images join the unlabeled pool (coarse labels unused)"))
 
 
 @dataclass
 class FolderConfig:
     """A folder of images and index-PNG masks (see :mod:`sclseg.data.folder`)."""
 
-    classes: list[str] = field(default_factory=list)  # class names; mask value i = classes[i]
-    colors: Optional[list[list[int]]] = None  # RGB per class for outputs; None = a default palette
-    ignore_value: int = 255  # mask value of unlabelled pixels (mapped to data.ignore_index)
-    val_fraction: float = 0.1  # held out of images/ for evaluation when ROOT/val/ is absent
-    labeled_fraction: Optional[float] = None  # keep this share of images/ labeled; the rest joins the unlabeled pool
-    split_seed: int = 0
+    classes: list[str] = field(default_factory=list, metadata=_help("class names; mask value i is classes[i]"))
+    colors: Optional[list[list[int]]] = field(default=None,
+        metadata=_help("RGB per class for outputs; null: a default palette"))
+    ignore_value: int = field(default=255,
+        metadata=_help("mask value of unlabelled pixels (mapped to data.ignore_index)"))
+    val_fraction: float = field(default=0.1,
+        metadata=_help("share of images/ held out as val when ROOT/val/ is absent; 0: none"))
+    labeled_fraction: Optional[float] = field(default=None,
+        metadata=_help("keep this share of images/ labeled; the rest joins the unlabeled pool"))
+    split_seed: int = field(default=0, metadata=_help("seed of val_fraction and labeled_fraction"))
 
 
 @dataclass
 class ClassUniformConfig:
     """Class-uniform sampling of labeled crops (Zhu et al.; see :mod:`sclseg.data.class_uniform`)."""
 
-    enabled: bool = False
-    fraction: float = 0.5  # share of labeled crops centred on a pixel of a uniformly chosen class
-    tile_size: int = 1024  # centroids are computed per class per tile of this size
-    cache_dir: Optional[str] = None  # default: <data.root>/.sclseg_cache
+    enabled: bool = field(default=False, metadata=_help("class-uniform sampling of labeled crops (Zhu et al.)"))
+    fraction: float = field(default=0.5,
+        metadata=_help("share of labeled crops centred on a pixel of a uniformly chosen class"))
+    tile_size: int = field(default=1024, metadata=_help("class centroids are computed per tile of this size"))
+    cache_dir: Optional[str] = field(default=None,
+        metadata=_help("where centroids and the data check's cache live; null: <data.root>/.sclseg_cache"))
 
 
 @dataclass
 class DataConfig:
-    name: Literal["digits", "folder", "cityscapes"] = "digits"
-    root: Optional[str] = None
-    crop_size: list[int] = field(default_factory=lambda: [64, 64])  # H, W of training crops
-    batch_size: int = 8  # labeled images per step (per process)
-    unlabeled_batch_size: int = 8  # unlabeled images per step (per process), >= 2 for pairing
-    num_workers: int = 0
-    scale_range: list[float] = field(default_factory=lambda: [0.8, 1.25])
-    hflip: bool = False
-    color_jitter: float = 0.3
-    blur_prob: float = 0.3
-    ignore_index: int = 255
+    name: Literal["digits", "folder", "cityscapes"] = field(default="digits",
+        metadata=_help("which dataset: the embedded digit scenes, a folder of images and masks, or Cityscapes"))
+    root: Optional[str] = field(default=None,
+        metadata=_help("folder of the dataset (folder, cityscapes); unused by digits"))
+    crop_size: list[int] = field(default_factory=lambda: [64, 64],
+        metadata=_help("[height, width] of the training crops"))
+    batch_size: int = field(default=8, metadata=_help("labeled images per step, per process"))
+    unlabeled_batch_size: int = field(default=8,
+        metadata=_help("unlabeled images per step, per process (>= 2: they are mixed in pairs)"))
+    num_workers: int = field(default=0,
+        metadata=_help("data-loading worker processes (0: load in the training process)"))
+    scale_range: list[float] = field(default_factory=lambda: [0.8, 1.25],
+        metadata=_help("[low, high] random rescaling of training images before cropping"))
+    hflip: bool = field(default=False, metadata=_help("random horizontal flips (off for digits: a mirrored 2 is no 2)"))
+    color_jitter: float = field(default=0.3,
+        metadata=_help("strength of the random brightness, contrast and saturation change"))
+    blur_prob: float = field(default=0.3, metadata=_help("probability of a random Gaussian blur per image"))
+    ignore_index: int = field(default=255, metadata=_help("label value of pixels that no loss or score counts"))
     digits: DigitsConfig = field(default_factory=DigitsConfig)
     cityscapes: CityscapesConfig = field(default_factory=CityscapesConfig)
     folder: FolderConfig = field(default_factory=FolderConfig)
@@ -126,11 +152,15 @@ class ModelConfig:
         "dpt_dinov2_small",
         "dpt_dinov2_base",
         "dpt_dinov2_large",
-    ] = "compact"
-    output_stride: Literal[8, 16] = 8
-    width: int = 32  # base channel count of the compact model
-    pretrained: Optional[str] = None  # local file of the whole network's or the encoder's weights, never downloaded
-    pretrained_weights: Literal["ema", "model"] = "ema"  # of a file with both (UniMatch V2's model_ema/model, sclseg's teacher/student)
+    ] = field(default="compact", metadata=_help(
+        "network: compact, DeepLabV3+ (WRN-38 as Zhu et al., ResNet, UniMatch V1's deep stem) or DPT-DINOv2"))
+    output_stride: Literal[8, 16] = field(default=8,
+        metadata=_help("encoder output stride of the DeepLabV3+ models (8 or 16)"))
+    width: int = field(default=32, metadata=_help("base channel count of the compact model"))
+    pretrained: Optional[str] = field(default=None,
+        metadata=_help("local file of the whole network's or the encoder's weights (never downloaded); null: none"))
+    pretrained_weights: Literal["ema", "model"] = field(default="ema",
+        metadata=_help("which weights of a file that holds both: ema (teacher) or model (student)"))
 
 
 @dataclass
@@ -138,70 +168,98 @@ class MethodConfig:
     """The training method (``sclseg.methods``); defaults are the paper's values, and UniMatch's for
     the keys of the weak-to-strong methods."""
 
-    name: str = "scl"  # supervised, cl, scl, fixmatch, unimatch_v1, unimatch_v2, or one of the last three + _scl
-    n_boxes: int = 32  # N
-    box_area: float = 0.5
-    last_boxes: int = 16  # N_box
-    max_pairs: Optional[int] = 9000  # N_pair
-    pair_sampling: Literal["pairs", "pixels"] = "pairs"  # how L_sc estimates regions with more than N_pair pairs (see losses)
-    lambda_c: float = 20.0
-    lambda_sc: float = 3.0
-    ema_decay: float = 0.999
-    teacher: Literal["ema", "student"] = "ema"  # who predicts the guessed labels; "student": the EMA is kept for evaluation only (Table 3)
-    relax_window: int = 3  # boundary label relaxation window w (1 = plain CE)
-    rampup_iters: int = 0  # sigmoid ramp-up of the unlabeled weight (0 = none, as in the paper)
-    unlabeled_start: int = 0  # supervised warm-up steps before the unlabeled terms start (their unlabeled batches are skipped, not loaded)
-    confidence: Optional[float] = None  # L_c only where the teacher's top probability exceeds this (None: everywhere, as the paper)
-    sc_confident_only: bool = False  # L_sc only among the pixels that mask keeps (False: every box pixel, as the paper)
-    labeled_loss: Literal["relaxed", "ce", "ohem"] = "relaxed"  # relaxed: CE with boundary relaxation (relax_window); ohem: UniMatch's
-    ohem_threshold: float = 0.7  # ohem: pixels whose own-class probability is at most this count ...
-    ohem_min_kept: int = 200000  # ... or the min_kept hardest, when that threshold keeps fewer
-    threshold: float = 0.95  # fixmatch / unimatch: pseudo-labels where the teacher's top probability is at least this
-    ema_warmup: Optional[bool] = None  # EMA rate min(1 - 1/(t+1), ema_decay); null: the method's own (fixmatch, unimatch_v2: on)
-    cutmix_prob: float = 0.5  # fixmatch / unimatch: probability that a strong view gets its CutMix box
+    name: str = field(default="scl", metadata=_help(
+        "supervised, cl, scl, fixmatch, unimatch_v1, unimatch_v2, or one of the last three + _scl (docs/methods.md)"))
+    n_boxes: int = field(default=32, metadata=_help("cl / scl: CutMix boxes per unlabeled pair (N)"))
+    box_area: float = field(default=0.5, metadata=_help("cl / scl: share of the image the boxes cover together"))
+    last_boxes: int = field(default=16, metadata=_help(
+        "scl: boxes whose regions the structured loss uses, the last pasted (N_box)"))
+    max_pairs: Optional[int] = field(default=9000, metadata=_help(
+        "L_sc: pixel pairs sampled per region (N_pair); null: all pairs"))
+    pair_sampling: Literal["pairs", "pixels"] = field(default="pairs", metadata=_help(
+        "how L_sc samples regions with more than N_pair pairs: pairs or pixels (see losses)"))
+    lambda_c: float = field(default=20.0, metadata=_help("cl / scl: weight of the consistency loss L_c"))
+    lambda_sc: float = field(default=3.0, metadata=_help("weight of the structured consistency loss L_sc"))
+    ema_decay: float = field(default=0.999, metadata=_help("decay of the EMA teacher"))
+    teacher: Literal["ema", "student"] = field(default="ema", metadata=_help(
+        "cl / scl: who predicts the guessed labels: ema, or the student (the EMA kept for evaluation only)"))
+    relax_window: int = field(default=3, metadata=_help(
+        "boundary label relaxation window of labeled_loss relaxed (1: plain cross-entropy)"))
+    rampup_iters: int = field(default=0, metadata=_help(
+        "sigmoid ramp-up of the unlabeled weight over this many steps (0: none, as the paper)"))
+    unlabeled_start: int = field(default=0, metadata=_help(
+        "supervised warm-up steps before the unlabeled terms start (their batches are skipped, not loaded)"))
+    confidence: Optional[float] = field(default=None, metadata=_help(
+        "cl / scl: L_c only where the teacher's top probability exceeds this; null: everywhere (the paper)"))
+    sc_confident_only: bool = field(default=False, metadata=_help(
+        "scl: L_sc only among the pixels the confidence mask keeps (false: every box pixel)"))
+    labeled_loss: Literal["relaxed", "ce", "ohem"] = field(default="relaxed", metadata=_help(
+        "loss of the labeled crops: relaxed (boundary relaxation, relax_window), ce, or ohem (UniMatch's)"))
+    ohem_threshold: float = field(default=0.7, metadata=_help(
+        "ohem: pixels whose own-class probability is at most this count ..."))
+    ohem_min_kept: int = field(default=200000, metadata=_help(
+        "ohem: ... or the min_kept hardest, when the threshold keeps fewer (0: no mining)"))
+    threshold: float = field(default=0.95, metadata=_help(
+        "fixmatch / unimatch: pseudo-labels where the teacher's top probability is at least this"))
+    ema_warmup: Optional[bool] = field(default=None, metadata=_help(
+        "EMA rate min(1 - 1/(t+1), ema_decay); null: the method's own (on for fixmatch, unimatch_v2)"))
+    cutmix_prob: float = field(default=0.5, metadata=_help(
+        "fixmatch / unimatch: probability that a strong view gets its CutMix box"))
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 0.001
-    poly_power: float = 1.0
-    nesterov: bool = False
-    name: Literal["sgd", "adamw"] = "sgd"  # adamw: as UniMatch V2 (see sclseg.engine.optim)
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
-    head_lr_multiplier: float = 1.0  # lr factor of every parameter outside model.encoder (UniMatch V2: 40)
+    lr: float = field(default=0.002, metadata=_help("initial learning rate"))
+    momentum: float = field(default=0.9, metadata=_help("SGD momentum"))
+    weight_decay: float = field(default=0.001, metadata=_help("weight decay"))
+    poly_power: float = field(default=1.0,
+        metadata=_help("power of the poly schedule lr * (1 - step / iterations) ** power"))
+    nesterov: bool = field(default=False, metadata=_help("Nesterov momentum (SGD)"))
+    name: Literal["sgd", "adamw"] = field(default="sgd",
+        metadata=_help("optimizer: sgd (the paper) or adamw (UniMatch V2)"))
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_help("AdamW betas"))
+    head_lr_multiplier: float = field(default=1.0,
+        metadata=_help("lr factor of every parameter outside model.encoder (UniMatch V2: 40)"))
 
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1000
-    eval_interval: int = 500
-    log_interval: int = 50
-    checkpoint_interval: int = 500
-    keep_last: int = 2
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: Optional[int] = None  # torch intra-op threads on CPU
-    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast dtype; fp16 adds a GradScaler
-    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step (one iteration)
-    activation_checkpointing: Literal["off", "encoder", "all"] = "off"  # recompute encoder blocks (and the decoder: all) in backward to save memory
-    channels_last: bool = False  # NHWC memory format for the model and its inputs
-    compile: bool = False  # torch.compile the student (slow first steps; mostly for GPUs)
-    sync_bn: bool = True  # synchronize the student's BatchNorm statistics across processes (DDP)
+    iterations: int = field(default=1000, metadata=_help("optimizer steps of the run"))
+    eval_interval: int = field(default=500, metadata=_help("evaluate every this many steps (and at the end)"))
+    log_interval: int = field(default=50, metadata=_help("write a metrics record every this many steps"))
+    checkpoint_interval: int = field(default=500,
+        metadata=_help("write step_N.pt every this many steps (and at the end)"))
+    keep_last: int = field(default=2, metadata=_help("step_N.pt files kept (best.pt is kept apart)"))
+    seed: int = field(default=0, metadata=_help("seed of the weights, the data order and the augmentations"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    threads: Optional[int] = field(default=None, metadata=_help("torch intra-op threads on CPU; null: torch's default"))
+    amp: Literal["off", "bf16", "fp16"] = field(default="off",
+        metadata=_help("autocast dtype: off, bf16 or fp16 (fp16 adds loss scaling)"))
+    grad_accum: int = field(default=1, metadata=_help("micro-batches of data.batch_size per optimizer step"))
+    activation_checkpointing: Literal["off", "encoder", "all"] = field(default="off",
+        metadata=_help("recompute encoder blocks (all: and the decoder) in backward to save memory"))
+    channels_last: bool = field(default=False, metadata=_help("NHWC memory format for the model and its inputs"))
+    compile: bool = field(default=False,
+        metadata=_help("torch.compile the student (slow first steps; mostly for GPUs)"))
+    sync_bn: bool = field(default=True,
+        metadata=_help("synchronize the student's BatchNorm statistics across processes (DDP)"))
 
 
 @dataclass
 class EvalConfig:
-    split: str = "val"
-    use_teacher: bool = True  # evaluate the EMA weights (paper Table 3)
-    scales: list[float] = field(default_factory=lambda: [1.0])
-    flip: bool = False
-    tile: Optional[list[int]] = None  # sliding-window tile H, W; None = whole image
-    tile_overlap: float = 1.0 / 3.0
-    protocol: Literal["tiles", "unimatch_v1", "unimatch_v2"] = "tiles"  # window placement (sclseg.engine.inference); unimatch_*: tile = window (default 801 / 798)
-    batch_size: int = 16
-    boundary_width: int = 3  # boundary_miou scores the pixels within this many pixels of a label edge; 0 = off
+    split: str = field(default="val", metadata=_help("split scored during training and by evaluate"))
+    use_teacher: bool = field(default=True, metadata=_help("score the EMA teacher (paper Table 3); false: the student"))
+    scales: list[float] = field(default_factory=lambda: [1.0],
+        metadata=_help("scales averaged at evaluation (multi-scale)"))
+    flip: bool = field(default=False, metadata=_help("also average the horizontally flipped image"))
+    tile: Optional[list[int]] = field(default=None,
+        metadata=_help("[height, width] of sliding-window tiles; null: the whole image"))
+    tile_overlap: float = field(default=1.0 / 3.0, metadata=_help("share by which neighbouring tiles overlap"))
+    protocol: Literal["tiles", "unimatch_v1", "unimatch_v2"] = field(default="tiles",
+        metadata=_help("window placement: tiles, or as UniMatch V1 / V2 (tile = window)"))
+    batch_size: int = field(default=16, metadata=_help("images or tiles per forward pass at evaluation"))
+    boundary_width: int = field(default=3,
+        metadata=_help("boundary_miou scores pixels within this many pixels of a label edge; 0: off"))
 
 
 @dataclass
@@ -212,6 +270,23 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+#: The one-line meaning of each :class:`MethodConfig` field (its fields carry no metadata); a new
+#: field needs its line here, which a test checks.
+def config_help() -> dict[str, str]:
+    """``{"section.key": meaning}`` for every key of :class:`Config`, in declaration order."""
+
+    def walk(cls: type, prefix: str) -> dict[str, str]:
+        hints, out = typing.get_type_hints(cls), {}
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out |= walk(hints[f.name], f"{prefix}{f.name}.")
+            else:
+                out[f"{prefix}{f.name}"] = f.metadata.get("help", "")
+        return out
+
+    return walk(Config, "")
 
 
 def _type_name(tp: Any) -> str:
@@ -313,13 +388,38 @@ def _set_path(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The one-line reason of a YAML error (its position and the problem, without the quoted text)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        lines: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in lines:
+                raise ConfigError(f"'{key}' is written twice (lines {lines[key]} and {key_node.start_mark.line + 1}); "
+                                  "expected each section and key once")
+            lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``section.key=value`` strings (values parsed as YAML) to nested dicts."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. train.iterations=100")
         key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.load(raw, Loader=_StrictLoader)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': the value is not valid YAML: {_yaml_problem(exc)}") from None
+        _set_path(data, key.strip(), value)
     return data
 
 
@@ -331,9 +431,14 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=_StrictLoader)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        if data is None:
+            raise ConfigError(f"{path}: the file is empty; expected sections such as data:, model:, method:, "
+                              "train: (packaged examples: digits/default, folder/example)")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
@@ -363,8 +468,6 @@ def _check(ok: bool, key: str, expected: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
-
-_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 def _validate_data(d: DataConfig, needs_unlabeled: bool) -> None:
@@ -432,6 +535,8 @@ def _validate_method(m: MethodConfig) -> None:
 
 
 def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
+    from sclseg.device import DEVICE_NAMES, is_device_name  # it imports this module's ConfigError
+
     _check(o.lr > 0, "optim.lr", "> 0", o.lr)
     _check(0 <= o.momentum < 1, "optim.momentum", "a value in [0, 1)", o.momentum)
     _check(o.weight_decay >= 0, "optim.weight_decay", ">= 0", o.weight_decay)
@@ -440,7 +545,7 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
     _check(o.head_lr_multiplier > 0, "optim.head_lr_multiplier", "> 0", o.head_lr_multiplier)
     for key in ("iterations", "grad_accum", "keep_last", "log_interval", "eval_interval", "checkpoint_interval"):
         _check(getattr(t, key) >= 1, f"train.{key}", ">= 1", getattr(t, key))
-    _check(bool(_DEVICE.match(t.device)), "train.device", "auto, cpu, cuda or cuda:N", t.device)
+    _check(is_device_name(t.device), "train.device", DEVICE_NAMES, t.device)
     _check(t.threads is None or t.threads >= 1, "train.threads", "None or >= 1", t.threads)
     _check(len(e.scales) >= 1 and all(v > 0 for v in e.scales), "eval.scales", "a non-empty list of scales > 0",
            e.scales)

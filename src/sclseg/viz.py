@@ -1,14 +1,40 @@
-"""Colour label maps, overlays, side-by-side comparison figures and learning curves."""
+"""Colour label maps, overlays, side-by-side comparison figures and learning curves; writing PNGs.
+
+Every PNG the package writes goes through :func:`save_png`, which writes a temporary file beside
+the target and renames it: an interrupted command leaves whole files or none.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["colorize", "overlay", "comparison_grid", "learning_curves"]
+__all__ = ["colorize", "overlay", "comparison_grid", "learning_curves", "save_png"]
+
+
+def save_png(image: Union[np.ndarray, Image.Image], path: Union[str, Path], *,
+             palette: Optional[np.ndarray] = None) -> Path:
+    """Write ``image`` to ``path`` as a PNG, atomically; returns ``path``.
+
+    ``image``: ``(H, W)`` uint8 (a single-channel index PNG; with a ``(256, 3)`` ``palette``, mode
+    P, shown in colour by viewers), ``(H, W, 3)`` uint8 RGB, or a PIL image.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    if palette is not None:
+        img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1)[: 256 * 3].tolist())  # L -> P
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
@@ -37,8 +63,7 @@ def comparison_grid(
         for c, tile in enumerate(row):
             img = Image.fromarray(tile).resize((tw, th), Image.NEAREST)
             canvas.paste(img, (gap + c * (tw + gap), header + gap + r * (th + gap)))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    save_png(canvas, path)
 
 
 def learning_curves(

@@ -38,14 +38,16 @@ from PIL import Image
 
 from sclseg.config import Config, ConfigError
 from sclseg.data.bundle import DataBundle
+from sclseg.data.folder import displayed_size
 
 __all__ = ["DataCheckReport", "Problem", "check_data", "check_cache_path"]
 
 MaskFormat = Literal["index", "labelIds", "trainIds"]
 _MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L", "1")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_LOSSY_FORMATS = ("JPEG", "MPO", "WEBP")  # WEBP also stores lossless; sclseg's masks are PNG either way
 _CACHE_NAME = "data_check.json"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _TRAP_IGNORE_SHARE = 0.05  # a class absent while the ignore value covers >= this share: the 0/255 trap
 _LISTED = 20  # problems listed in the ConfigError of DataCheckReport.raise_for_problems
 _LABELED = "train"  # the split whose masks train the model (the class coverage is counted on it)
@@ -180,12 +182,15 @@ def check_cache_path(cfg: Config) -> Optional[Path]:
 # reading one item
 
 
-def _read_image(path: Path, split: str) -> tuple[Optional[tuple[int, int]], list[Problem]]:
-    """``((H, W), [])`` of a fully decoded image, or ``(None, [problem])``."""
+def _read_image(path: Path, split: str) -> tuple[Optional[tuple[int, int, int, int]], list[Problem]]:
+    """``((H, W, stored H, stored W), [])`` of a fully decoded image, or ``(None, [problem])``.
+
+    ``H, W`` is the size as displayed (its EXIF orientation applied, as training reads it).
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            return (img.height, img.width), []
+            return (*displayed_size(img), img.height, img.width), []
     except FileNotFoundError:
         return None, [Problem(str(path), "image file not found", "the file the split lists", split)]
     except _DECODE_ERRORS as exc:
@@ -213,6 +218,9 @@ def _read_mask(path: Path, split: str) -> tuple[Optional[_MaskValues], list[Prob
                 return None, [Problem(str(path), f"mask has mode {img.mode} ({len(img.getbands())} channels)",
                                       "a single-channel index PNG (mode L or P) whose pixel values are class indices",
                                       split)]
+            if img.format in _LOSSY_FORMATS:
+                return None, [Problem(str(path), f"mask holds {img.format} data (lossy compression changes class "
+                                      "values along every edge)", "a lossless index PNG", split)]
             img.load()
             size = (img.height, img.width)
             if img.mode in ("L", "P"):
@@ -269,6 +277,17 @@ def _valid_label_ids() -> np.ndarray:
     return valid
 
 
+def _size_problem(item: _Item, mask: tuple[int, int], image: tuple[int, int, int, int]) -> Problem:
+    """A mask whose size is not its image's as displayed; names an orientation tag that turns the image."""
+    shown = f"{image[1]}x{image[0]}"
+    if image[:2] != image[2:]:
+        return Problem(str(item.mask), f"mask is {mask[1]}x{mask[0]} (WxH), its image {item.image.name} is stored "
+                       f"{image[3]}x{image[2]} but displayed {shown} (EXIF orientation tag)",
+                       "a mask of the image as displayed (training reads images as displayed)", item.split)
+    return Problem(str(item.mask), f"mask is {mask[1]}x{mask[0]} (WxH), its image {item.image.name} {shown}",
+                   "a mask of its image's size", item.split)
+
+
 def _check_item(item: _Item) -> _Result:
     """Decode the image and the mask of one item and check them against each other."""
     size, problems = _read_image(item.image, item.split)
@@ -278,9 +297,8 @@ def _check_item(item: _Item) -> _Result:
     problems += mask_problems
     if mask is None:
         return _Result(problems, None, 2)
-    if size is not None and mask.size != size:
-        problems.append(Problem(str(item.mask), f"mask is {mask.size[1]}x{mask.size[0]} (WxH), its image "
-                                f"{item.image.name} {size[1]}x{size[0]}", "a mask of its image's size", item.split))
+    if size is not None and mask.size != size[:2]:
+        problems.append(_size_problem(item, mask.size, size))
     hist, value_problems = _class_histogram(item, mask)
     problems += value_problems
     return _Result(problems, None if hist is None else hist.tolist(), 2)

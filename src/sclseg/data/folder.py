@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from sclseg.config import Config, ConfigError
@@ -41,22 +41,50 @@ __all__ = [
     "list_images",
     "read_image",
     "read_label_png",
+    "displayed_size",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 PathLike = Union[str, Path]
 
 
+_TURNED = (5, 6, 7, 8)  # EXIF orientations that turn the stored pixels by 90 degrees for display
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L")  # 16-bit greyscale (PNG, TIFF); "I" also 32-bit TIFF
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """``(H, W)`` of an opened image as viewers show it, its EXIF orientation tag applied."""
+    turned = img.getexif().get(0x0112, 1) in _TURNED
+    return (img.width, img.height) if turned else (img.height, img.width)
+
+
+def _rgb8(img: Image.Image, path: Path) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` of a decoded image; 16-bit greyscale keeps its full range (0..65535 -> 0..255)."""
+    if img.mode in _WIDE_MODES:
+        values = np.asarray(img).astype(np.float64)
+        if values.max(initial=0) > 65535 or values.min(initial=0) < 0:
+            raise ValueError(f"{path}: 32-bit image (values {values.min():g}..{values.max():g}); expected 8- or "
+                             "16-bit")
+        return np.repeat(np.rint(values * (255 / 65535)).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode == "F":
+        raise ValueError(f"{path}: floating-point image (mode F); expected an 8- or 16-bit image")
+    return np.asarray(img.convert("RGB"))
+
+
 def read_image(path: PathLike) -> Tensor:
-    """uint8 ``(3, H, W)`` RGB; a missing, corrupt or truncated file is a clear error."""
+    """uint8 ``(3, H, W)`` RGB as the image is displayed: its EXIF orientation applied (phone photos).
+
+    16-bit greyscale images are read over their whole range at 8-bit precision (the pipeline then
+    scales 0..255 to [0, 1]). A missing, corrupt or truncated file is a clear error.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
-            rgb = np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+            rgb = _rgb8(ImageOps.exif_transpose(img), path)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"{path}: cannot read image ({exc}); expected a readable, complete image file") from exc
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
@@ -160,7 +188,8 @@ class FolderDataset(SegmentationDataset):
         if size is not None and mask.shape != size:
             raise ValueError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path.name} is "
-                f"{size[1]}x{size[0]}; expected a mask of the image's size"
+                f"{size[1]}x{size[0]} (as displayed: its EXIF orientation tag applied, if it has one); expected a "
+                "mask of the image's size"
             )
         n = len(self.classes)
         if mask.size and (mask.max() >= n or mask.min() < 0):
@@ -241,6 +270,9 @@ def build_folder(cfg: Config, *, for_training: bool = True):
         pairs = [pairs[i] for i in train_idx]
     if (root / "test").exists():
         eval_splits["test"] = FolderDataset(_pairs(root / "test" / "images", root / "test" / "masks"), classes, split="test", **common)
+    if for_training and not eval_splits:
+        print(f"folder data: {root} has no evaluation split (no val/ or test/, data.folder.val_fraction 0): the run "
+              "trains without evaluation and writes no best.pt", file=sys.stderr)
 
     held_back: list[tuple[Path, Optional[Path]]] = []
     if f.labeled_fraction is not None:

@@ -21,15 +21,16 @@ import errno
 import os
 import random
 import re
+import zipfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
 from sclseg.config import Config, config_from_dict
-from sclseg.engine.errors import CheckpointWriteFailed
+from sclseg.engine.errors import CheckpointWriteFailed, TrainingStopped
 from sclseg.serialization import safe_load
 from sclseg.models import create_model
 
@@ -41,6 +42,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "latest_checkpoint",
+    "newest_readable_checkpoint",
     "list_checkpoints",
     "prune",
     "export_weights",
@@ -78,7 +80,8 @@ def save_atomic(obj: Any, path: Union[str, Path]) -> None:
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception):
+        # a stop (a second SIGTERM during the write) is no write fault: the files already there are whole
+        if isinstance(exc, Exception) and not isinstance(exc, TrainingStopped):
             raise CheckpointWriteFailed(path, _os_error(exc) or exc, no_space=_no_space(exc)) from exc
         raise
     _fsync_dir(path.parent)
@@ -156,6 +159,34 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     """The ``step_N.pt`` with the largest N in ``directory``, or None."""
     steps = list_checkpoints(directory)
     return steps[-1][1] if steps else None
+
+
+def _unreadable(path: Path) -> Optional[str]:
+    """Why ``path`` is not a whole checkpoint file, or None when it is.
+
+    ``torch.save`` writes a zip archive; each member's CRC is checked, which finds a truncated,
+    empty or overwritten file without building its tensors.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"not a whole checkpoint file ({exc})" if path.stat().st_size else "an empty file"
+    return None if bad is None else f"damaged (member {bad} fails its checksum)"
+
+
+def newest_readable_checkpoint(directory: Union[str, Path], log: Callable[[str], None]) -> Optional[Path]:
+    """The newest ``step_N.pt`` in ``directory`` that is a whole file, or None.
+
+    Each newer file that is damaged (cut short by a full disk, overwritten) is skipped with a
+    line to ``log`` saying which and why, so a requeued job continues from the one before it.
+    """
+    for _, path in reversed(list_checkpoints(directory)):
+        reason = _unreadable(path)
+        if reason is None:
+            return path
+        log(f"warning: skipping {path}: {reason}")
+    return None
 
 
 def prune(directory: Union[str, Path], keep: int) -> None:

@@ -123,8 +123,7 @@ class Checkpointer:
             self.mean_teacher.teacher.load_state_dict(ckpt["teacher"])
         except RuntimeError as exc:
             raise ValueError(f"{path}: checkpoint weights do not fit model '{self.cfg.model.name}': {exc}") from exc
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._restore_optimizer(ckpt, path)
         if self.scaler is not None and ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(iteration=int(ckpt["iteration"]), best=dict(ckpt["best"]))
@@ -140,6 +139,36 @@ class Checkpointer:
         state.stream_offsets = {role: int(positions[role]) - state.iteration * accum for role in _STREAMS}
         self._log_changes(ckpt)
         return state
+
+    def _restore_optimizer(self, ckpt: dict, path: Path) -> None:
+        """Put the optimizer's state and the schedule's step back, under the config's settings.
+
+        The moments (momentum, Adam's averages) and the step count come from the checkpoint; the
+        settings (``optim.lr``, ``momentum``, ``weight_decay``, ``betas``, ``nesterov``,
+        ``head_lr_multiplier``, ``poly_power``, ``train.iterations``) from the config, so a
+        setting changed at the resume trains from the resumed step on: the lr of step k is the
+        config's poly schedule at k. Unchanged settings give the same values, bit for bit.
+        """
+        saved_name = ckpt.get("config", {}).get("optim", {}).get("name", self.cfg.optim.name)
+        if saved_name != self.cfg.optim.name:
+            raise ValueError(f"{path}: checkpoint was trained with optim.name={saved_name!r}, the config asks for "
+                             f"{self.cfg.optim.name!r}; an optimizer's state does not carry over to another one")
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: the optimizer state does not fit optim.head_lr_multiplier="
+                             f"{self.cfg.optim.head_lr_multiplier} (it was saved with the encoder and head "
+                             f"{'in one group' if len(ckpt['optimizer']['param_groups']) == 1 else 'apart'}): "
+                             f"{exc}") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for group, setting in zip(self.optimizer.param_groups, settings):
+            group.update(setting)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _check_fits(self, ckpt: dict, path: Path) -> None:
         classes = ckpt.get("num_classes")

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as td
 from torch import Tensor, nn
 
-from sclseg.config import ConfigError
+from sclseg.device import resolve_device
 
 __all__ = [
     "setup",
@@ -40,20 +40,8 @@ def setup(device_request: str) -> torch.device:
     """Initialise the process group when launched by torchrun; return this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_request == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_request)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
+    device = resolve_device(device_request, "train.device", local_rank=local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device: {device_request!r} asks for CUDA, but torch sees no GPU on this machine; use cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"train.device: process with LOCAL_RANK={local_rank} wants {device} but this node has {torch.cuda.device_count()} "
-                "GPU(s): start at most one process per GPU"
-            )
         torch.cuda.set_device(device)
     if world > 1 and not td.is_initialized():
         if "MASTER_ADDR" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ:

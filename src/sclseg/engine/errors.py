@@ -14,8 +14,8 @@ from typing import Optional
 
 from sclseg.config import ConfigError
 
-__all__ = [
-    "RunFolderInUse","TrainingStopped", "TrainingInterrupted", "NonFiniteLoss", "EvaluationFailed", "CheckpointWriteFailed"]
+__all__ = ["RunFolderInUse", "RunFolderLocked", "TrainingStopped", "TrainingInterrupted", "NonFiniteLoss",
+           "EvaluationFailed", "CheckpointWriteFailed"]
 
 
 class TrainingStopped(RuntimeError):
@@ -90,3 +90,13 @@ class RunFolderInUse(ConfigError):
         super().__init__(f"{folder} already holds checkpoints of a run ({newest.name})")
         self.folder = folder
         self.newest = newest
+
+
+class RunFolderLocked(ConfigError):
+    """Another process (``holder``, its process id) is running in ``folder``."""
+
+    def __init__(self, folder: Path, holder: str) -> None:
+        super().__init__(f"{folder} is in use by another sclseg run (process {holder}); wait for it to end, "
+                         "or choose another --out")
+        self.folder = folder
+        self.holder = holder

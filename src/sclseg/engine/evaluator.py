@@ -20,15 +20,18 @@ class Evaluator:
     The score that counts (``record["miou"]``) is the teacher's when ``cfg.use_teacher``, else the
     student's. Evaluating never changes the training: the RNG states are forked around it.
 
+    Data without any evaluation split (a folder dataset with ``val_fraction: 0`` and no ``val/``)
+    trains without evaluation: ``dataset`` is None and the loop does not call :meth:`evaluate`.
+
     Args:
         max_images: score only the first images of the split (the dry run uses 1).
     """
 
     def __init__(self, cfg: EvalConfig, splits: dict[str, SegmentationDataset], device: torch.device, *,
                  max_images: Optional[int] = None) -> None:
-        if cfg.split not in splits:
+        if splits and cfg.split not in splits:
             raise ConfigError(f"eval.split: '{cfg.split}' is not a split of this data; have {sorted(splits)}")
-        self.cfg, self.dataset, self.device, self.max_images = cfg, splits[cfg.split], device, max_images
+        self.cfg, self.dataset, self.device, self.max_images = cfg, splits.get(cfg.split), device, max_images
         self.best: dict = {"miou": None, "iteration": None}
 
     def evaluate(self, teacher: nn.Module, student: nn.Module, iteration: int) -> dict:

@@ -1,13 +1,21 @@
 """The run folder and its metrics: ``config.yaml``, ``metrics.jsonl``, TensorBoard ``tb/``.
 
 Only rank 0 writes; on other ranks every method is a no-op, so callers need not check.
+
+One process at a time: rank 0 holds ``.sclseg.lock`` (an ``fcntl`` lock that the operating
+system drops when the process ends, so a killed run never blocks the next one) from the moment
+the folder is opened until :meth:`RunFolder.close`. A second run into the same folder is refused
+with the process id of the holder. On opening, the temporary checkpoint files of writers that
+were killed (``.step_N.pt.PID.tmp`` whose process is gone) are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -16,11 +24,89 @@ import yaml
 
 from sclseg.config import Config, config_to_dict
 from sclseg.engine.checkpoint import list_checkpoints
-from sclseg.engine.errors import RunFolderInUse
+from sclseg.engine.errors import RunFolderInUse, RunFolderLocked
 
-__all__ = ["RunFolder", "json_safe"]
+__all__ = ["RunFolder", "RunLock", "json_safe", "remove_orphaned_temp_files"]
 
 _RUN_FILES = ("metrics.jsonl", "final.json", "best.pt")
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.tmp$")  # save_atomic's ".<name>.<pid>.tmp"
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_orphaned_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files (``.NAME.PID.tmp``) in ``folder`` whose writing process is gone.
+
+    A writer killed during a checkpoint leaves one behind, as large as a checkpoint. Returns the
+    files removed.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp")):
+        match = _TEMP_FILE.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held by one process (re-entrant within it).
+
+    The lock is an ``fcntl.flock`` on ``FOLDER/.sclseg.lock``, which holds the holder's process id
+    for the message of a refused start. The operating system releases it when the process ends,
+    however it ends, so a lock left by a dead process never blocks.
+    """
+
+    FILE = ".sclseg.lock"
+    _held: dict = {}  # resolved folder -> [file descriptor, count], in this process
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._key = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`RunFolderLocked` naming the folder and the holder's process id."""
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = str(self.folder.resolve())
+        if key in RunLock._held:
+            RunLock._held[key][1] += 1
+            self._key = key
+            return
+        fd = os.open(self.folder / self.FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunFolderLocked(self.folder, holder) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        RunLock._held[key] = [fd, 1]
+        self._key = key
+
+    def release(self) -> None:
+        """Give the lock up (the last release of this process closes the lock file)."""
+        if self._key is None:
+            return
+        entry = RunLock._held[self._key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del RunLock._held[self._key]
+            os.close(entry[0])  # closing the descriptor drops the flock
+        self._key = None
 
 
 def json_safe(value):
@@ -38,13 +124,19 @@ class RunFolder:
     """One run's folder: what a fresh run clears, what a resumed run keeps, and the metric records.
 
     Args:
-        main: whether this process writes (rank 0).
+        main: whether this process writes (rank 0); it locks the folder (:class:`RunLock`) until
+            :meth:`close` and removes the temporary files of killed writers.
     """
 
     def __init__(self, path: Path, *, main: bool) -> None:
         self.path = Path(path)
         self.main = main
         self._writer = None
+        self._lock = RunLock(self.path)
+        if main:
+            self._lock.acquire()
+            for temp in remove_orphaned_temp_files(self.path):
+                self.log(f"removed {temp}, a temporary file left by a killed process")
 
     # ------------------------------------------------------------------ set-up
     def start_fresh(self, cfg: Config, existing: Literal["replace", "error"]) -> None:
@@ -119,9 +211,11 @@ class RunFolder:
         self._writer = SummaryWriter(str(self.path / "tb"))
 
     def close(self) -> None:
+        """Close TensorBoard and give the folder's lock up."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self._lock.release()
 
     def record(self, record: dict) -> None:
         """Append one JSON object to ``metrics.jsonl`` (and its numbers to TensorBoard)."""

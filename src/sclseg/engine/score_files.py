@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from sclseg.data.base import ClassInfo, SegmentationDataset, palette_array
+from sclseg.viz import colorize, save_png
 from sclseg.metrics import ConfusionMatrix
 
 __all__ = [
@@ -196,24 +197,14 @@ def write_index_png(labels: Union[np.ndarray, torch.Tensor], path: PathLike, pal
     labels = np.asarray(labels)
     if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > 255)):
         raise ValueError(f"labels must be a 2-D array of values 0..255, got shape {labels.shape}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(labels.astype(np.uint8))  # mode L
-    if palette is not None:
-        img.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1)[: 256 * 3].tolist())  # L -> P
-    img.save(path)
-    return path
+    return save_png(labels.astype(np.uint8), path, palette=palette)
 
 
 def write_color_png(labels: Union[np.ndarray, torch.Tensor], path: PathLike, classes: Sequence[ClassInfo], ignore_index: int = 255) -> Path:
     """Save ``(H, W)`` class indices as an RGB colour image (class colours, black for ignore/other)."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
-    palette = palette_array(classes, ignore_index)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(palette[np.asarray(labels, dtype=np.int64) % 256]).save(path)
-    return path
+    return save_png(colorize(labels, palette_array(classes, ignore_index)), path)
 
 
 def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

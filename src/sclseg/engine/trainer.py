@@ -30,7 +30,7 @@ from sclseg.config import Config, ConfigError
 from sclseg.data import DataBundle, build_data
 from sclseg.data.transforms import build_photometric
 from sclseg.engine import distributed as dist
-from sclseg.engine.checkpoint import latest_checkpoint, load_checkpoint
+from sclseg.engine.checkpoint import latest_checkpoint, load_checkpoint, newest_readable_checkpoint
 from sclseg.engine.checkpointer import Checkpointer, TrainState
 from sclseg.engine.errors import EvaluationFailed, NonFiniteLoss, TrainingInterrupted, TrainingStopped
 from sclseg.engine.evaluator import Evaluator
@@ -134,7 +134,7 @@ class Trainer:
         if resume is None or resume is False:
             return None
         if resume is True or resume == "auto":
-            found = latest_checkpoint(self.out_dir) if self.rank == 0 else None
+            found = newest_readable_checkpoint(self.out_dir, self.folder.log) if self.rank == 0 else None
             found = dist.all_gather_object(None if found is None else str(found))[0]
             if found is None and resume is True:
                 raise FileNotFoundError(f"{self.out_dir}: no step_N.pt checkpoint to resume from; expected the "
@@ -218,6 +218,7 @@ class Trainer:
         same schedule) with a checkpoint, as a pre-emption would; a resumed run continues from there.
         """
         t, state = self.cfg.train, self.state
+        evaluate = evaluate and self.evaluator.dataset is not None  # data with no evaluation split
         if state.iteration >= t.iterations and self.folder.read_final() is not None:  # a finished run
             return self.folder.read_final()
         stop_at = t.iterations if until is None else min(int(until), t.iterations)
