@@ -7,7 +7,7 @@ decode like photographs more than white noise would; blocky labelIds of the 19 e
 classes plus ignored ids), builds the data of ``--config`` (default ``cityscapes/scl_wrn38``:
 random scale 0.5-2, 800x800 crop, flip, colour jitter, blur, class-uniform sampling on for the
 labeled stream) with ``data.root`` pointing there, half the images labeled and half unlabeled,
-and pulls batches from :func:`sclseg.engine.stream.make_stream` (the trainer's streams) with
+and pulls batches from :func:`sclseg.data.stream.make_stream` (the trainer's streams) with
 ``num_workers`` in ``--workers``. It reports images/s for the labeled and the unlabeled stream,
 per worker (workers = 0 counts as one: the main process), the one-time class-uniform centroid
 scan, in the main process the decode time and the whole sample time, and the time of the
@@ -93,7 +93,7 @@ def make_dataset(root: Path, n_train: int, size: tuple[int, int], seed: int) -> 
 
 
 def time_stream(dataset, batch_size: int, workers: int, batches: int, warmup: int, photometric) -> dict:
-    from sclseg.engine.stream import make_stream
+    from sclseg.data.stream import make_stream
 
     stream = make_stream(dataset, batch_size, seed=1, num_workers=workers, photometric=photometric, name="bench")
     try:

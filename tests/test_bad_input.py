@@ -20,7 +20,7 @@ from sclseg.cli import main
 from sclseg.config import ConfigError, load_config, resolve_config_path
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
-from sclseg.engine.stream import make_stream
+from sclseg.data.stream import make_stream
 from sclseg.engine.trainer import Trainer
 from tiny_config import TINY
 

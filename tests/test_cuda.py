@@ -23,7 +23,7 @@ from sclseg.data.transforms import PhotometricAugment
 from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.guards import NonFiniteWatch
 from sclseg.engine.inference import predict_probs
-from sclseg.engine.stream import batch_to_device
+from sclseg.data.stream import batch_to_device
 import sclseg.engine.trainer as trainer_module
 from sclseg.engine.trainer import Trainer
 from sclseg.losses import relaxed_boundary_loss, structured_consistency_loss

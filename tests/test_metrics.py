@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sclseg.config import EvalConfig, config_from_dict
-from sclseg.engine.evaluate import evaluate_model
+from sclseg.engine.evaluation import evaluate_model
 from sclseg.metrics import ConfusionMatrix, boundary_band
 
 X = 255  # ignore

@@ -26,7 +26,7 @@ from torch import Tensor
 from sclseg.cli import _checkpoint_model, main
 from sclseg.config import ConfigError, ModelConfig, load_config, resolve_config_path
 from sclseg.data import build_data
-from sclseg.engine.evaluate import evaluate_model
+from sclseg.engine.evaluation import evaluate_model
 from sclseg.engine.trainer import Trainer
 from sclseg.models import create_model
 from sclseg.serialization import safe_load

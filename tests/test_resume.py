@@ -30,7 +30,7 @@ from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
 from sclseg.data.transforms import PhotometricAugment
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
-from sclseg.engine.stream import make_stream
+from sclseg.data.stream import make_stream
 from sclseg.engine.trainer import Trainer
 from tiny_config import TINY
 

@@ -11,13 +11,8 @@ import torch
 from PIL import Image
 
 from sclseg.data.base import ClassInfo, SegmentationDataset
-from sclseg.engine.score_files import (
-    find_predictions,
-    score_prediction_dir,
-    write_cityscapes_prediction,
-    write_color_png,
-    write_index_png,
-)
+from sclseg.engine.evaluation import find_predictions, score_prediction_dir
+from sclseg.viz import write_cityscapes_prediction, write_color_png, write_index_png
 from sclseg.metrics import ConfusionMatrix
 
 

@@ -23,7 +23,7 @@ from sclseg.data.transforms import (
     gaussian_blur,
 )
 from sclseg.engine.seeding import stream_seed
-from sclseg.engine.stream import batch_to_device, make_stream
+from sclseg.data.stream import batch_to_device, make_stream
 from sclseg.engine.trainer import Trainer
 from tiny_config import TINY
 

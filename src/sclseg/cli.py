@@ -95,7 +95,8 @@ def _checkpoint_model(path: str, use_teacher: bool, cfg: Optional[Config] = None
     """``(model, config, checkpoint dict)`` of an sclseg file, or of a published whole-network file
     (NVIDIA's, UniMatch's) built as ``cfg.model`` with ``num_classes`` classes when ``cfg`` is given;
     ``use_teacher=False`` takes the trained network of a file that holds an EMA copy beside it."""
-    from sclseg.engine.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, build_model_from_checkpoint, load_checkpoint
+    from sclseg.engine.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, load_checkpoint
+    from sclseg.export import build_model_from_checkpoint
     from sclseg.models import create_model
     from sclseg.models.weights import layout_for, load_weights, read_file
 
@@ -114,7 +115,7 @@ def _checkpoint_model(path: str, use_teacher: bool, cfg: Optional[Config] = None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from sclseg.engine.checkpoint import export_weights
+    from sclseg.export import export_weights
 
     info = export_weights(Path(args.checkpoint), Path(args.out), use_teacher=not args.student,
                           dtype=torch.float16 if args.half else None)
@@ -155,13 +156,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         raise ConfigError(f"split '{cfg.eval.split}' not available; have {sorted(data.eval_splits)}")
     dataset = data.eval_splits[cfg.eval.split]
     if args.predictions is not None:
-        from sclseg.engine.score_files import score_prediction_dir
+        from sclseg.engine.evaluation import score_prediction_dir
 
         result = score_prediction_dir(dataset, Path(args.predictions))
         result |= {"split": cfg.eval.split, "predictions": str(args.predictions)}
         default_out = Path(args.predictions) / f"eval_{cfg.eval.split}.json"
     else:
-        from sclseg.engine.evaluate import evaluate_model
+        from sclseg.engine.evaluation import evaluate_model
 
         device = resolve_device(cfg.train.device, "train.device")
         model, model_cfg, ckpt = _checkpoint_model(args.checkpoint, not args.student, cfg, data.num_classes)
@@ -295,7 +296,7 @@ def _write_prediction(out: Path, name: Path, rgb: np.ndarray, labels: np.ndarray
         written.append(save_png(side_by_side, out / f"{name}_overlay.png"))
         entry = {"labels": str(written[0]), "overlay": str(written[1])}
         if cityscapes_ids:
-            from sclseg.engine.score_files import write_cityscapes_prediction
+            from sclseg.viz import write_cityscapes_prediction
 
             submission = write_cityscapes_prediction(labels, name.name, out / "cityscapes_label_ids" / name.parent,
                                                      size=None)

@@ -37,7 +37,7 @@ import torch
 
 from sclseg.config import Config, ConfigError, config_to_dict, load_config, resolve_config_path
 from sclseg.data import DataBundle, build_data, palette_array
-from sclseg.engine.evaluate import evaluate_model
+from sclseg.engine.evaluation import evaluate_model
 from sclseg.engine.inference import predict_probs
 from sclseg.engine.trainer import Trainer
 from sclseg.methods import METHODS, method_class

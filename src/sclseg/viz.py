@@ -1,4 +1,5 @@
-"""Colour label maps, overlays, side-by-side comparison figures and learning curves; writing PNGs.
+"""Colour label maps, overlays, side-by-side comparison figures and learning curves; writing PNGs:
+label maps as index PNGs with a palette, as colour images, and Cityscapes benchmark files.
 
 Every PNG the package writes goes through :func:`save_png`, which writes a temporary file beside
 the target and renames it: an interrupted command leaves whole files or none.
@@ -11,9 +12,13 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["colorize", "overlay", "comparison_grid", "learning_curves", "save_png"]
+from sclseg.data.base import ClassInfo, palette_array
+
+__all__ = ["colorize", "overlay", "comparison_grid", "learning_curves", "save_png", "write_cityscapes_prediction",
+           "write_color_png", "write_index_png"]
 
 
 def save_png(image: Union[np.ndarray, Image.Image], path: Union[str, Path], *,
@@ -95,3 +100,60 @@ def learning_curves(
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
+
+
+def write_index_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Path], palette: Optional[np.ndarray] = None) -> Path:
+    """Save ``(H, W)`` class indices (0..255) as a single-channel PNG, with a palette when given."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > 255)):
+        raise ValueError(f"labels must be a 2-D array of values 0..255, got shape {labels.shape}")
+    return save_png(labels.astype(np.uint8), path, palette=palette)
+
+
+def write_color_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Path], classes: Sequence[ClassInfo], ignore_index: int = 255) -> Path:
+    """Save ``(H, W)`` class indices as an RGB colour image (class colours, black for ignore/other)."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    return save_png(colorize(labels, palette_array(classes, ignore_index)), path)
+
+
+def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    t = torch.from_numpy(labels.astype(np.int64))[None, None].float()
+    return torch.nn.functional.interpolate(t, size=size, mode="nearest-exact")[0, 0].long().numpy()
+
+
+def write_cityscapes_prediction(
+    train_ids: Union[np.ndarray, torch.Tensor],
+    name: str,
+    out_dir: Union[str, Path],
+    *,
+    color_dir: Optional[Union[str, Path]] = None,
+    size: Optional[tuple[int, int]] = (1024, 2048),
+) -> dict[str, Path]:
+    """Write one Cityscapes prediction for the benchmark server (and the official evaluator).
+
+    ``train_ids``: ``(H, W)`` train ids 0..18 (255 or other values become labelId 0, 'unlabeled').
+    Written: ``out_dir/CITY_SEQ_FRAME_labelIds.png`` (uint8 labelIds; ``name`` may be an image
+    name such as ``CITY_SEQ_FRAME_leftImg8bit``), and with ``color_dir``,
+    ``color_dir/CITY_SEQ_FRAME_color.png`` in the official colours. Keep ``color_dir`` apart
+    from ``out_dir``: the server and the evaluator want one PNG per image in the folder. Labels
+    of another size than ``size`` (H, W; default the full 1024x2048) are resized with nearest
+    neighbour; predict at full resolution where you can. ``size=None`` keeps the input size.
+    Returns ``{"label_ids": path, "color": path}`` (``color`` only with ``color_dir``).
+    """
+    from sclseg.data.cityscapes import cityscapes_classes, cityscapes_stem, train_ids_to_label_ids
+
+    if isinstance(train_ids, torch.Tensor):
+        train_ids = train_ids.detach().cpu().numpy()
+    train_ids = np.asarray(train_ids)
+    if train_ids.ndim != 2:
+        raise ValueError(f"train_ids must be (H, W), got shape {train_ids.shape}")
+    if size is not None and tuple(train_ids.shape) != tuple(size):
+        train_ids = _resize_nearest(train_ids, (int(size[0]), int(size[1])))
+    stem = cityscapes_stem(name)
+    written = {"label_ids": write_index_png(train_ids_to_label_ids(train_ids), Path(out_dir) / f"{stem}_labelIds.png")}
+    if color_dir is not None:
+        written["color"] = write_color_png(train_ids, Path(color_dir) / f"{stem}_color.png", cityscapes_classes())
+    return written

@@ -1,4 +1,4 @@
-"""Atomic, code-free checkpoints: everything a run needs to continue exactly.
+"""Checkpoint files and the training state they carry: atomic, code-free, exact to continue.
 
 Files are written to a temporary name in the target folder, flushed and fsynced, then renamed
 over the target (and the folder fsynced), so a crash or a pre-emption never leaves a
@@ -9,8 +9,9 @@ Two kinds of files:
 
 * training checkpoints (``format: sclseg-checkpoint-1``): student, teacher, optimizer, lr
   schedule, scaler, iteration, data stream positions, every RNG state of every rank, the
-  resolved config; ``sclseg train --resume`` continues them bit for bit.
-* exported weights (``format: sclseg-weights-1``, :func:`export_weights`, ``sclseg export``):
+  resolved config; ``sclseg train --resume`` continues them bit for bit. :class:`Checkpointer`
+  writes and restores them, :class:`TrainState` holds the loop's counters.
+* exported weights (``format: sclseg-weights-1``, :func:`sclseg.export.export_weights`, ``sclseg export``):
   one network's ``state_dict`` plus what inference needs (config, class names and colours);
   ``sclseg predict`` / ``sclseg evaluate`` accept both kinds.
 """
@@ -22,20 +23,26 @@ import os
 import random
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
-from torch import nn
 
-from sclseg.config import Config, config_from_dict
-from sclseg.engine.errors import CheckpointWriteFailed, TrainingStopped
+from sclseg.config import Config, config_to_dict
+from sclseg.data import DataBundle
+from sclseg.engine import distributed as dist
+from sclseg.engine.errors import CheckpointWriteFailed, NonFiniteLoss, TrainingStopped
+from sclseg.engine.seeding import rank_seed
+from sclseg.methods import Method
 from sclseg.serialization import safe_load
-from sclseg.models import create_model
+from sclseg.teacher import unwrap
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "Checkpointer",
+    "TrainState",
     "WEIGHTS_FORMAT",
     "save_atomic",
     "load_checkpoint",
@@ -45,8 +52,6 @@ __all__ = [
     "newest_readable_checkpoint",
     "list_checkpoints",
     "prune",
-    "export_weights",
-    "build_model_from_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "sclseg-checkpoint-1"
@@ -196,60 +201,188 @@ def prune(directory: Union[str, Path], keep: int) -> None:
         path.unlink(missing_ok=True)
 
 
-def export_weights(checkpoint: Union[str, Path], out: Union[str, Path], *, use_teacher: bool = True,
-                   dtype: Optional[torch.dtype] = None) -> dict:
-    """Write the weights-only inference file of a training checkpoint (or re-export weights).
+_STREAMS = ("labeled", "unlabeled")
 
-    The file holds one network (the EMA teacher by default, the student on request) as a
-    ``state_dict`` of tensors, the resolved config and the class names and colours, and nothing
-    else: no optimizer, no RNG state. ``dtype`` (e.g. ``torch.float16``) casts floating tensors.
-    Returns a summary of what was written.
+
+@dataclass
+class TrainState:
+    """The counters of a run. Stream positions are ``iteration * grad_accum + offset``; the offsets are 0
+    except after a resume on another number of processes, which re-splits the streams."""
+
+    iteration: int = 0
+    best: dict = field(default_factory=lambda: {"miou": None, "iteration": None})
+    stream_offsets: dict = field(default_factory=lambda: dict.fromkeys(_STREAMS, 0))
+
+    def stream_position(self, role: str, grad_accum: int, step: Optional[int] = None) -> int:
+        """Batches of stream ``role`` this rank has consumed (or skipped) before ``step`` (default: so far)."""
+        return (self.iteration if step is None else step) * grad_accum + self.stream_offsets[role]
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= _flatten(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Checkpointer:
+    """Writes and restores the state of one run (collective under DDP: every rank calls it).
+
+    Args:
+        log: where warnings for the person go (rank 0).
     """
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt["format"] == WEIGHTS_FORMAT:
-        weights, role = ckpt["model"], ckpt.get("weights", "teacher")
-    else:
-        role = "teacher" if use_teacher else "student"
-        weights = ckpt[role]
-    if dtype is not None:
-        weights = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in weights.items()}
-    exported = {
-        "format": WEIGHTS_FORMAT,
-        "model": {k: v.detach().cpu().contiguous() for k, v in weights.items()},
-        "weights": role,
-        "config": ckpt["config"],
-        "num_classes": ckpt["num_classes"],
-        "class_names": ckpt["class_names"],
-        "class_colors": ckpt["class_colors"],
-        "iteration": ckpt.get("iteration"),
-        "source": str(checkpoint),
-    }
-    save_atomic(exported, Path(out))
-    return {"out": str(out), "weights": role, "iteration": exported["iteration"], "tensors": len(weights),
-            "bytes": Path(out).stat().st_size}
 
+    def __init__(self, cfg: Config, folder: Path, data: DataBundle, method: Method, log: Callable[[str], None]) -> None:
+        self.cfg, self.folder, self.data = cfg, Path(folder), data
+        self.student, self.mean_teacher = method.student, method.mean_teacher
+        self.optimizer, self.scheduler = method.optimizer, method.scheduler
+        self.scaler, self.generator = method.scaler, method.generator
+        self.log = log
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.saved_at: Optional[int] = None  # iteration of the newest step_N.pt this run wrote
 
-def build_model_from_checkpoint(ckpt: dict, *, use_teacher: bool = True, source: Union[None, str, Path] = None
-                                ) -> tuple[nn.Module, Config]:
-    """The network stored in a checkpoint (teacher/EMA weights by default) and its config.
+    # ------------------------------------------------------------------ write
+    def state_dict(self, state: TrainState) -> dict:
+        """Everything the run needs to continue exactly (collective)."""
+        per_rank = dist.all_gather_object({"generator": self.generator.get_state().cpu(), "rng": rng_state()})
+        accum = self.cfg.train.grad_accum
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": config_to_dict(self.cfg),
+            "num_classes": self.data.num_classes,
+            "class_names": [c.name for c in self.data.classes],
+            "class_colors": [list(c.color) for c in self.data.classes],
+            "iteration": state.iteration,
+            "world_size": self.world,
+            "student": unwrap(self.student).state_dict(),
+            "teacher": self.mean_teacher.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "streams": {role: state.stream_position(role, accum) for role in _STREAMS},
+            "generators": [r["generator"] for r in per_rank],
+            "rng": [r["rng"] for r in per_rank],
+            "best": dict(state.best),
+        }
 
-    Accepts training checkpoints and exported weights files (``sclseg export``).
-    """
-    where = f"{source}: " if source is not None else ""
-    cfg = config_from_dict(ckpt["config"])
-    model = create_model(cfg.model, ckpt["num_classes"], load_pretrained=False)
-    if ckpt.get("format") == WEIGHTS_FORMAT or "model" in ckpt:
-        held = ckpt.get("weights", "teacher")
-        if not use_teacher and held != "student":
-            raise ValueError(f"{where}this exported file holds the {held} weights only; the student's are in the "
-                             "training checkpoint it was exported from (or an export of the student)")
-        key = "model"
-    else:
-        key = "teacher" if use_teacher and "teacher" in ckpt else "student"
-    try:
-        model.load_state_dict(ckpt[key])
-    except RuntimeError as exc:
-        raise ValueError(
-            f"{where}checkpoint weights do not fit model '{cfg.model.name}' with {ckpt['num_classes']} classes: {exc}"
-        ) from exc
-    return model, cfg
+    def _weights_finite(self) -> bool:
+        tensors = list(unwrap(self.student).parameters()) + list(self.mean_teacher.teacher.parameters())
+        return bool(torch.stack([torch.isfinite(p).all() for p in tensors]).all())
+
+    def save(self, state: TrainState, name: Optional[str] = None) -> Optional[Path]:
+        """Write ``step_N.pt`` (or ``name``, e.g. ``best.pt``) from rank 0 and prune old step files.
+
+        Never writes non-finite weights (raises :class:`NonFiniteLoss`), so every file is a good one.
+        Returns the path written (None on other ranks).
+        """
+        if not self._weights_finite():
+            raise NonFiniteLoss(step=state.iteration, checkpoint=latest_checkpoint(self.folder), what="weights")
+        payload = self.state_dict(state)
+        path = self.folder / (name or f"step_{state.iteration}.pt")
+        if self.rank == 0:
+            save_atomic(payload, path)
+            if name is None:
+                prune(self.folder, self.cfg.train.keep_last)
+        if name is None:
+            self.saved_at = state.iteration
+        return path if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ read
+    def restore(self, ckpt: dict, path: Path) -> TrainState:
+        """Put ``ckpt`` (a loaded training checkpoint) back; returns the run's counters."""
+        self._check_fits(ckpt, path)
+        try:
+            unwrap(self.student).load_state_dict(ckpt["student"])
+            self.mean_teacher.teacher.load_state_dict(ckpt["teacher"])
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: checkpoint weights do not fit model '{self.cfg.model.name}': {exc}") from exc
+        self._restore_optimizer(ckpt, path)
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        state = TrainState(iteration=int(ckpt["iteration"]), best=dict(ckpt["best"]))
+        self.mean_teacher.updates = state.iteration  # one EMA update per step
+        positions = dict(ckpt["streams"])
+        saved_world = int(ckpt["world_size"])
+        if saved_world == self.world and len(ckpt["generators"]) == self.world:
+            self.generator.set_state(ckpt["generators"][self.rank].cpu())
+            set_rng_state(ckpt["rng"][self.rank])
+        else:
+            positions = self._resplit(path, saved_world, state.iteration, positions)
+        accum = self.cfg.train.grad_accum
+        state.stream_offsets = {role: int(positions[role]) - state.iteration * accum for role in _STREAMS}
+        self._log_changes(ckpt)
+        return state
+
+    def _restore_optimizer(self, ckpt: dict, path: Path) -> None:
+        """Put the optimizer's state and the schedule's step back, under the config's settings.
+
+        The moments (momentum, Adam's averages) and the step count come from the checkpoint; the
+        settings (``optim.lr``, ``momentum``, ``weight_decay``, ``betas``, ``nesterov``,
+        ``head_lr_multiplier``, ``poly_power``, ``train.iterations``) from the config, so a
+        setting changed at the resume trains from the resumed step on: the lr of step k is the
+        config's poly schedule at k. Unchanged settings give the same values, bit for bit.
+        """
+        saved_name = ckpt.get("config", {}).get("optim", {}).get("name", self.cfg.optim.name)
+        if saved_name != self.cfg.optim.name:
+            raise ValueError(f"{path}: checkpoint was trained with optim.name={saved_name!r}, the config asks for "
+                             f"{self.cfg.optim.name!r}; an optimizer's state does not carry over to another one")
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: the optimizer state does not fit optim.head_lr_multiplier="
+                             f"{self.cfg.optim.head_lr_multiplier} (it was saved with the encoder and head "
+                             f"{'in one group' if len(ckpt['optimizer']['param_groups']) == 1 else 'apart'}): "
+                             f"{exc}") from None
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for group, setting in zip(self.optimizer.param_groups, settings):
+            group.update(setting)
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        step = self.scheduler.last_epoch
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _check_fits(self, ckpt: dict, path: Path) -> None:
+        classes = ckpt.get("num_classes")
+        if classes != self.data.num_classes:
+            names = ckpt.get("class_names") or []
+            raise ValueError(
+                f"{path}: checkpoint was trained for {classes} classes ({', '.join(map(str, names[:12]))}) but this "
+                f"run's data has {self.data.num_classes} ({', '.join(c.name for c in self.data.classes[:12])}); "
+                "expected a checkpoint of the same classes"
+            )
+        saved_model = ckpt.get("config", {}).get("model", {})
+        wanted = config_to_dict(self.cfg)["model"]
+        differ = [k for k in wanted if k != "pretrained" and k in saved_model and saved_model[k] != wanted[k]]
+        if differ:
+            raise ValueError(
+                f"{path}: checkpoint holds a different model ("
+                + ", ".join(f"model.{k}={saved_model[k]!r}" for k in differ)
+                + ") than the config asks for ("
+                + ", ".join(f"model.{k}={wanted[k]!r}" for k in differ)
+                + f"); resume with the run's own config ({path.parent / 'config.yaml'})"
+            )
+
+    def _resplit(self, path: Path, saved_world: int, iteration: int, positions: dict) -> dict:
+        """Re-seed and re-split the streams for a different number of processes."""
+        self.log(f"warning: {path} was written by {saved_world} process(es), this run has {self.world}: the "
+                 "random streams are re-seeded and the data streams re-split, so the continuation is not bit "
+                 "for bit what the original run would have done")
+        seed = self.cfg.train.seed + iteration
+        self.generator.manual_seed(rank_seed(seed, self.rank, "generator"))
+        torch.manual_seed(rank_seed(seed, self.rank, "torch"))
+        per_rank = self.cfg.data.batch_size * saved_world // self.world
+        if per_rank != self.cfg.data.batch_size:
+            self.log(f"warning: keep the global batch: data.batch_size={per_rank} on {self.world} processes "
+                     f"equals {self.cfg.data.batch_size} on {saved_world}")
+        return {k: v * saved_world // self.world for k, v in positions.items()}
+
+    def _log_changes(self, ckpt: dict) -> None:
+        now = _flatten(config_to_dict(self.cfg))
+        changed = {k: (v, now.get(k)) for k, v in _flatten(ckpt.get("config", {})).items() if now.get(k) != v}
+        if changed:
+            self.log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))

@@ -3,7 +3,7 @@
 * :func:`seed_process`: the global RNGs (dropout, ...) and the step generator (CutMix boxes,
   SCL pairs) of one process, different on every rank.
 * :func:`stream_seed`: the seed of the labeled or unlabeled data stream, the same on every rank
-  (the stream itself splits its positions over the ranks, see :mod:`sclseg.engine.stream`).
+  (the stream itself splits its positions over the ranks, see :mod:`sclseg.data.stream`).
 
 Initial weights come from ``torch.manual_seed(train.seed)`` before the model is built, so that
 every rank starts from the same network.

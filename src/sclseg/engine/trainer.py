@@ -3,10 +3,10 @@
 Each concern is a piece of its own, which the loop calls (docs/architecture.md):
 
 * :class:`~sclseg.engine.run_dir.RunFolder`: ``config.yaml``, ``metrics.jsonl``, TensorBoard, ``final.json``;
-* :class:`~sclseg.engine.checkpointer.Checkpointer`: ``step_N.pt`` / ``best.pt``, state and restore;
-* :class:`~sclseg.engine.evaluator.Evaluator`: teacher and student on the eval split, the best score;
+* :class:`~sclseg.engine.checkpoint.Checkpointer`: ``step_N.pt`` / ``best.pt``, state and restore;
+* :class:`~sclseg.engine.evaluation.Evaluator`: teacher and student on the eval split, the best score;
 * :class:`~sclseg.engine.guards.StopSignals` and :class:`~sclseg.engine.guards.NonFiniteWatch`;
-* :class:`~sclseg.engine.stream.StepBatches`: each step's batches from the data streams;
+* :class:`~sclseg.data.stream.StepBatches`: each step's batches from the data streams;
 * :class:`~sclseg.methods.Method` (``method.name``): one optimizer step of the method.
 
 At a step that is due for both, the checkpoint is written before the evaluation, so a failing
@@ -30,16 +30,16 @@ from sclseg.config import Config, ConfigError
 from sclseg.data import DataBundle, build_data
 from sclseg.data.transforms import build_photometric
 from sclseg.engine import distributed as dist
-from sclseg.engine.checkpoint import latest_checkpoint, load_checkpoint, newest_readable_checkpoint
-from sclseg.engine.checkpointer import Checkpointer, TrainState
+from sclseg.engine.checkpoint import (Checkpointer, TrainState, latest_checkpoint, load_checkpoint,
+                                     newest_readable_checkpoint)
 from sclseg.engine.errors import EvaluationFailed, NonFiniteLoss, TrainingInterrupted, TrainingStopped
-from sclseg.engine.evaluator import Evaluator
+from sclseg.engine.evaluation import Evaluator
 from sclseg.engine.guards import NonFiniteWatch, StopSignals
 from sclseg.engine.monitor import TrainMonitor
 from sclseg.engine.optim import build_optimizer
 from sclseg.engine.run_dir import RunFolder
 from sclseg.engine.seeding import seed_process, stream_seed
-from sclseg.engine.stream import StepBatches, Stream, batch_to_device, make_stream
+from sclseg.data.stream import StepBatches, Stream, batch_to_device, make_stream
 from sclseg.methods import build_method, method_class
 from sclseg.models import create_model
 from sclseg.models.checkpointing import apply_activation_checkpointing

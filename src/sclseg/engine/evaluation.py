@@ -1,7 +1,13 @@
-"""Score prediction PNGs already on disk, and write predictions as files.
+"""Evaluation: a model on a dataset split, the scores during training, and prediction PNGs on disk.
 
-:func:`score_prediction_dir` compares a folder of label PNGs with a dataset split's ground
-truth and returns the same dict as :func:`sclseg.engine.evaluate.evaluate_model`, with
+* :func:`evaluate_model`: confusion matrix -> mIoU, per-class IoU, accuracy. Beside the
+  whole-image numbers, ``boundary_miou`` is the mIoU of the pixels within ``eval.boundary_width``
+  pixels of a label edge (see :func:`sclseg.metrics.boundary_band`), from a second confusion
+  matrix over those pixels only: where a method's inter-pixel structure (object outlines, thin
+  and small regions) shows, and the interior does not dilute it.
+* :class:`Evaluator`: teacher and student on the eval split during training, and the best score.
+* :func:`score_prediction_dir` compares a folder of label PNGs with a dataset split's ground
+truth and returns the same dict as :func:`evaluate_model`, with
 ``eval_mode: "files"``.
 
 Which file belongs to which image: for a sample named ``NAME`` (the image stem; for
@@ -31,19 +37,139 @@ from typing import Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from sclseg.data.base import ClassInfo, SegmentationDataset, palette_array
-from sclseg.viz import colorize, save_png
-from sclseg.metrics import ConfusionMatrix
+from sclseg.config import ConfigError, EvalConfig
+from sclseg.data.base import SegmentationDataset
+from sclseg.engine import distributed as dist
+from sclseg.engine.inference import predict_probs, window_mode_name
+from sclseg.metrics import ConfusionMatrix, boundary_band
 
-__all__ = [
-    "find_predictions",
-    "read_prediction",
-    "score_prediction_dir",
-    "write_cityscapes_prediction",
-    "write_color_png",
-    "write_index_png",
-]
+__all__ = ["Evaluator", "eval_mode_name", "evaluate_model", "find_predictions", "read_prediction",
+           "score_prediction_dir"]
+
+def eval_mode_name(cfg: EvalConfig) -> str:
+    """How predictions were made, for every reported number: whole / sliding, scales, flip."""
+    parts = [window_mode_name(cfg.protocol, cfg.tile)]
+    if list(cfg.scales) != [1.0]:
+        parts.append("ms" + "/".join(f"{s:g}" for s in cfg.scales))
+    if cfg.flip:
+        parts.append("flip")
+    return "+".join(parts)
+
+
+class _Shard(Dataset):
+    def __init__(self, dataset: Dataset, rank: int, world: int) -> None:
+        self.dataset, self.indices = dataset, list(range(rank, len(dataset), world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[self.indices[i]]
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    cfg: EvalConfig,
+    *,
+    device: torch.device,
+    num_workers: int = 0,
+    max_images: Optional[int] = None,
+) -> dict:
+    """Score ``model`` on ``dataset`` (labeled); ranks share the images and sum their matrices.
+
+    Returns ``{"miou", "pixel_accuracy", "per_class_iou": {name: iou}, "eval_mode", "images"}``,
+    IoUs in percent; with ``cfg.boundary_width > 0`` also ``"boundary_miou"``,
+    ``"boundary_per_class_iou"``, ``"boundary_width"`` and ``"boundary_pixels"`` (the band's
+    labelled pixel count), the same measures over the band of pixels near a label edge.
+    """
+    was_training = model.training
+    model.eval()
+    rank, world = dist.rank(), dist.world_size()
+    data: Dataset = dataset
+    if max_images is not None:
+        data = torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+    shard = _Shard(data, rank, world)
+    loader = DataLoader(shard, batch_size=cfg.batch_size, num_workers=num_workers)
+    confusion = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=device)
+    band = ConfusionMatrix(dataset.num_classes, dataset.ignore_index, device=device)
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        probs = predict_probs(model, images, scales=cfg.scales, flip=cfg.flip, tile=cfg.tile, overlap=cfg.tile_overlap,
+                              protocol=cfg.protocol)
+        pred, target = probs.argmax(dim=1), batch["mask"].to(device)
+        confusion.update(pred, target)
+        if cfg.boundary_width:
+            near_edge = boundary_band(target, cfg.boundary_width, dataset.ignore_index)
+            band.update(pred[near_edge], target[near_edge])
+    dist.all_reduce_sum(confusion.matrix)
+    dist.all_reduce_sum(band.matrix)
+    model.train(was_training)
+    names = [c.name for c in dataset.classes]
+    result = confusion.summary(names)
+    if cfg.boundary_width:
+        near = band.summary(names)
+        result |= {"boundary_miou": near["miou"], "boundary_per_class_iou": near["per_class_iou"],
+                   "boundary_width": cfg.boundary_width, "boundary_pixels": int(band.matrix.sum())}
+    result["eval_mode"] = eval_mode_name(cfg)
+    result["images"] = len(data)
+    return result
+
+
+class Evaluator:
+    """Scores the teacher and the student on ``splits[cfg.split]`` and tracks the best score.
+
+    The score that counts (``record["miou"]``) is the teacher's when ``cfg.use_teacher``, else the
+    student's. Evaluating never changes the training: the RNG states are forked around it.
+
+    Data without any evaluation split (a folder dataset with ``val_fraction: 0`` and no ``val/``)
+    trains without evaluation: ``dataset`` is None and the loop does not call :meth:`evaluate`.
+
+    Args:
+        max_images: score only the first images of the split (the dry run uses 1).
+    """
+
+    def __init__(self, cfg: EvalConfig, splits: dict[str, SegmentationDataset], device: torch.device, *,
+                 max_images: Optional[int] = None) -> None:
+        if splits and cfg.split not in splits:
+            raise ConfigError(f"eval.split: '{cfg.split}' is not a split of this data; have {sorted(splits)}")
+        self.cfg, self.dataset, self.device, self.max_images = cfg, splits.get(cfg.split), device, max_images
+        self.best: dict = {"miou": None, "iteration": None}
+
+    def evaluate(self, teacher: nn.Module, student: nn.Module, iteration: int) -> dict:
+        """The record of one evaluation (collective under DDP)."""
+        record: dict = {"iteration": iteration, "split": self.cfg.split}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            for role, model in (("teacher", teacher), ("student", student)):
+                result = evaluate_model(model, self.dataset, self.cfg, device=self.device, max_images=self.max_images)
+                record[f"{role}_miou"] = result["miou"]
+                record[f"{role}_per_class_iou"] = result["per_class_iou"]
+                if "boundary_miou" in result:
+                    record[f"{role}_boundary_miou"] = result["boundary_miou"]
+                record["eval_mode"] = result["eval_mode"]
+        record["miou"] = record["teacher_miou" if self.cfg.use_teacher else "student_miou"]
+        return record
+
+    def improves(self, record: dict) -> bool:
+        """Whether ``record`` beats the best so far; if so it becomes the best."""
+        if self.best["miou"] is not None and record["miou"] <= self.best["miou"]:
+            return False
+        self.best = {"miou": record["miou"], "iteration": record["iteration"]}
+        return True
+
+    def recall(self, best: dict, records: list[dict], up_to: int) -> None:
+        """Take the best of a resumed run: the checkpoint's, or a later evaluation of the same step
+        recorded in ``metrics.jsonl`` (a checkpoint is written before its step is evaluated)."""
+        self.best = dict(best)
+        for record in records:
+            if record["iteration"] <= up_to and record.get("miou") is not None:
+                self.improves({"miou": record["miou"], "iteration": record["iteration"]})
+
 
 PathLike = Union[str, Path]
 IdFormat = Literal["auto", "label_ids", "train_ids"]
@@ -188,60 +314,3 @@ def score_prediction_dir(
         "predictions": str(pred_dir),
         "prediction_ids": "+".join(sorted(formats)) if formats else None,
     }
-
-
-def write_index_png(labels: Union[np.ndarray, torch.Tensor], path: PathLike, palette: Optional[np.ndarray] = None) -> Path:
-    """Save ``(H, W)`` class indices (0..255) as a single-channel PNG, with a palette when given."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or (labels.size and (labels.min() < 0 or labels.max() > 255)):
-        raise ValueError(f"labels must be a 2-D array of values 0..255, got shape {labels.shape}")
-    return save_png(labels.astype(np.uint8), path, palette=palette)
-
-
-def write_color_png(labels: Union[np.ndarray, torch.Tensor], path: PathLike, classes: Sequence[ClassInfo], ignore_index: int = 255) -> Path:
-    """Save ``(H, W)`` class indices as an RGB colour image (class colours, black for ignore/other)."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    return save_png(colorize(labels, palette_array(classes, ignore_index)), path)
-
-
-def _resize_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    t = torch.from_numpy(labels.astype(np.int64))[None, None].float()
-    return torch.nn.functional.interpolate(t, size=size, mode="nearest-exact")[0, 0].long().numpy()
-
-
-def write_cityscapes_prediction(
-    train_ids: Union[np.ndarray, torch.Tensor],
-    name: str,
-    out_dir: PathLike,
-    *,
-    color_dir: Optional[PathLike] = None,
-    size: Optional[tuple[int, int]] = (1024, 2048),
-) -> dict[str, Path]:
-    """Write one Cityscapes prediction for the benchmark server (and the official evaluator).
-
-    ``train_ids``: ``(H, W)`` train ids 0..18 (255 or other values become labelId 0, 'unlabeled').
-    Written: ``out_dir/CITY_SEQ_FRAME_labelIds.png`` (uint8 labelIds; ``name`` may be an image
-    name such as ``CITY_SEQ_FRAME_leftImg8bit``), and with ``color_dir``,
-    ``color_dir/CITY_SEQ_FRAME_color.png`` in the official colours. Keep ``color_dir`` apart
-    from ``out_dir``: the server and the evaluator want one PNG per image in the folder. Labels
-    of another size than ``size`` (H, W; default the full 1024x2048) are resized with nearest
-    neighbour; predict at full resolution where you can. ``size=None`` keeps the input size.
-    Returns ``{"label_ids": path, "color": path}`` (``color`` only with ``color_dir``).
-    """
-    from sclseg.data.cityscapes import cityscapes_classes, cityscapes_stem, train_ids_to_label_ids
-
-    if isinstance(train_ids, torch.Tensor):
-        train_ids = train_ids.detach().cpu().numpy()
-    train_ids = np.asarray(train_ids)
-    if train_ids.ndim != 2:
-        raise ValueError(f"train_ids must be (H, W), got shape {train_ids.shape}")
-    if size is not None and tuple(train_ids.shape) != tuple(size):
-        train_ids = _resize_nearest(train_ids, (int(size[0]), int(size[1])))
-    stem = cityscapes_stem(name)
-    written = {"label_ids": write_index_png(train_ids_to_label_ids(train_ids), Path(out_dir) / f"{stem}_labelIds.png")}
-    if color_dir is not None:
-        written["color"] = write_color_png(train_ids, Path(color_dir) / f"{stem}_color.png", cityscapes_classes())
-    return written
