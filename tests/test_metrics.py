@@ -154,3 +154,25 @@ def test_confusion_matrix_of_band_pixels_only() -> None:
     cm = ConfusionMatrix(3)
     cm.update(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, X]))
     assert cm.matrix.tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_miou_against_a_hand_computed_confusion_matrix() -> None:
+    # 3 classes; ignore = 255
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
+    cm = ConfusionMatrix(3, 255)
+    cm.update(pred, target)
+    # rows true, cols pred: class0 -> {0:1, 1:1}; class1 -> {1:2, 0:1}; class2 -> {2:1, 0:1}
+    assert cm.matrix.tolist() == [[1, 1, 0], [1, 2, 0], [1, 0, 1]]
+    iou = [1 / (2 + 3 - 1), 2 / (3 + 3 - 2), 1 / (2 + 1 - 1)]
+    assert cm.iou().tolist() == pytest.approx(iou)
+    assert cm.miou() == pytest.approx(100 * sum(iou) / 3)
+    assert cm.pixel_accuracy() == pytest.approx(100 * 4 / 7)
+    summary = cm.summary(["a", "b", "c"])
+    assert summary["per_class_iou"]["b"] == pytest.approx(50.0)
+
+
+def test_confusion_matrix_rejects_labels_outside_the_classes() -> None:
+    cm = ConfusionMatrix(3, 255)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        cm.update(torch.tensor([0, 1]), torch.tensor([0, 7]))

@@ -12,41 +12,6 @@ from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from tiny_config import TINY
 
 
-@pytest.mark.parametrize("override", ["data.crop_size=[64,64", "train.seed=!!python/object/apply:os.system [ls]",
-                                      "model.name={a: 1"])
-def test_an_override_that_is_not_yaml_is_one_line_naming_it(tmp_path, capsys, override) -> None:
-    code = main(["check", "digits/default", override, "--report", str(tmp_path / "r.json")])
-    err = capsys.readouterr().err.strip()
-    assert code == EXIT_USAGE
-    assert len(err.splitlines()) == 1 and f"override '{override}'" in err and "not valid YAML" in err
-
-
-def test_an_empty_config_file_is_an_error_not_the_digits_default(tmp_path) -> None:
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing yet\n")
-    with pytest.raises(ConfigError, match=r"empty\.yaml: the file is empty"):
-        load_config(empty)
-
-
-@pytest.mark.parametrize("text, named", [
-    ("train:\n  iterations: 10\nmodel:\n  width: 8\ntrain:\n  seed: 1\n", "'train' is written twice (lines 1 and 5)"),
-    ("train:\n  iterations: 10\n  iterations: 20\n", "'iterations' is written twice (lines 2 and 3)"),
-])
-def test_a_section_or_key_written_twice_is_named(tmp_path, capsys, text, named) -> None:
-    config = tmp_path / "twice.yaml"
-    config.write_text(text)
-    assert main(["check", str(config), "--report", str(tmp_path / "r.json")]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert named in err and str(config) in err and len(err.strip().splitlines()) == 1
-
-
-def test_a_yaml_syntax_error_in_the_file_is_one_line_with_its_position(tmp_path) -> None:
-    config = tmp_path / "broken.yaml"
-    config.write_text("train:\n  iterations: [10\n")
-    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML: .*\(line \d+, column \d+\)$"):
-        load_config(config)
-
-
 # ------------------------------------------------------------------ evaluate scores the model it says
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
