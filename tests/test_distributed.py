@@ -268,3 +268,58 @@ def test_compiled_student_trains_and_saves_plain_weights(data, tmp_path) -> None
     trainer.run()
     ckpt = load_checkpoint(tmp_path / "run" / "step_2.pt")
     assert not any(k.startswith("_orig_mod") for k in ckpt["student"])
+
+
+# ------------------------------------------------------------------ two machines
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _two_nodes(tmp_path: Path, args: list[str], tag: str) -> list[tuple[subprocess.Popen, Path]]:
+    """Two torchrun agents, one CPU process each, meeting at a c10d rendezvous on 127.0.0.1: the
+    multi-node command of docs/distributed.md with --nnodes 2."""
+    launcher = tmp_path / "launch_sclseg.py"
+    launcher.write_text(_LAUNCHER)
+    port, nodes = _free_port(), []
+    for node in range(2):
+        log = tmp_path / f"{tag}_node{node}.log"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"sclseg-{tag}",
+               "--max-restarts", "0", str(launcher), *args]
+        with open(log, "w") as handle:
+            proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        nodes.append((proc, log))
+    return nodes
+
+
+@pytest.mark.slow
+def test_two_nodes_stop_together_on_a_sigterm_to_one_agent_and_resume_auto_finishes(tmp_path) -> None:
+    """A SIGTERM to one node's agent (a scheduler pre-empting one machine) stops both nodes after the
+    same step with one checkpoint; both agents started again with ``--resume auto`` finish the run."""
+    out, total = tmp_path / "two_nodes", 16
+    args = ["train", "digits/default", "--out", str(out), "--resume", "auto", *TINY, "data.batch_size=2",
+            "data.unlabeled_batch_size=2", f"train.iterations={total}", "train.log_interval=1",
+            "train.eval_interval=1000", "train.checkpoint_interval=1000"]
+    nodes = _two_nodes(tmp_path, args, "first")
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert all(p.poll() is None for p, _ in nodes) and time.monotonic() < deadline, nodes[0][1].read_text()[-3000:]
+        time.sleep(0.05)
+    nodes[1][0].send_signal(signal.SIGTERM)  # one machine's agent only
+    codes = [proc.wait(timeout=120) for proc, _ in nodes]
+    text = nodes[0][1].read_text()
+    assert all(code != 0 for code in codes), text[-3000:]
+    assert text.count("SIGTERM received: stopped after step") == 1, text[-3000:]  # rank 0 speaks for both
+    step = int(text.split("stopped after step ")[1].split()[0])
+    assert 1 <= step < total and load_checkpoint(out / f"step_{step}.pt")["world_size"] == 2
+    nodes = _two_nodes(tmp_path, args, "again")
+    codes = [proc.wait(timeout=180) for proc, _ in nodes]
+    assert codes == [0, 0], nodes[0][1].read_text()[-3000:] + nodes[1][1].read_text()[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, total + 1))
+    assert json.loads((out / "final.json").read_text())["iteration"] == total
