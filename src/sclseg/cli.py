@@ -95,7 +95,8 @@ def _checkpoint_model(path: str, use_teacher: bool, cfg: Optional[Config] = None
     ``use_teacher=False`` takes the trained network of a file that holds an EMA copy beside it."""
     from sclseg.engine.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, build_model_from_checkpoint, load_checkpoint
     from sclseg.models import create_model
-    from sclseg.models.weights import layout_for, load_weights, read_file
+    from sclseg.models.registry import layout_for
+    from sclseg.models.weights import load_weights, read_file
 
     if cfg is None:
         ckpt = load_checkpoint(Path(path))

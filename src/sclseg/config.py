@@ -119,20 +119,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal[
-        "compact",
-        "deeplabv3plus_wrn38",  # Zhu et al.'s DeepWV3Plus (NVIDIA sdcnet)
-        "deeplabv3plus_resnet50",
-        "deeplabv3plus_resnet101",
-        "deeplabv3plus_resnet50_deepstem",  # UniMatch V1's DeepLabV3+
-        "deeplabv3plus_resnet101_deepstem",
-        "dpt_dinov2_small",
-        "dpt_dinov2_base",
-        "dpt_dinov2_large",
-    ] = "compact"
+    name: str = "compact"  # a name of the model registry (sclseg.models.registry.MODELS; see docs/models.md)
     output_stride: Literal[8, 16] = 8
     width: int = 32  # base channel count of the compact model
-    pretrained: Optional[str] = None  # local file of the whole network's or the encoder's weights, never downloaded
+    pretrained: Optional[str] = None  # local weights file (whole network or encoder), or imagenet / dinov2 / dinov3
     pretrained_weights: Literal["ema", "model"] = "ema"  # of a file with both (UniMatch V2's model_ema/model, sclseg's teacher/student)
 
 
@@ -445,11 +435,18 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
     _check(e.boundary_width >= 0, "eval.boundary_width", ">= 0 (0 turns boundary_miou off)", e.boundary_width)
 
 
+def _validate_model(m: ModelConfig) -> None:
+    from sclseg.models.registry import check_model_name  # the models import this module
+
+    check_model_name(m.name, "model.name")
+
+
 def validate(cfg: Config) -> None:
     """Ranges and cross-field checks the types alone cannot express, each naming its key.
 
     Runs once, when a config is loaded, before any data is touched.
     """
+    _validate_model(cfg.model)
     _validate_data(cfg.data, cfg.method.name)
     _validate_method(cfg.method)
     _validate_training(cfg.optim, cfg.train, cfg.eval)

@@ -49,7 +49,7 @@ from sclseg.engine.step import AMP_DTYPES, train_step, unlabeled_weight
 from sclseg.engine.step_batches import StepBatches
 from sclseg.engine.stream import Stream, batch_to_device, make_stream
 from sclseg.models import create_model
-from sclseg.models.checkpointing import apply_activation_checkpointing
+from sclseg.models.activation_checkpointing import apply_activation_checkpointing
 from sclseg.teacher import MeanTeacher, unwrap
 
 __all__ = ["Trainer", "StepCallback"]
