@@ -26,6 +26,7 @@ from __future__ import annotations
 from torch import nn
 
 from sclseg.config import ConfigError, ModelConfig
+from sclseg.models.pretrained import is_pretrained_name, load_pretrained_by_name
 from sclseg.models.registry import MODEL_NAMES, check_model_name, layout_for
 from sclseg.models.weights import PretrainedReport, load_encoder_weights, load_weights
 
@@ -36,7 +37,9 @@ def create_model(cfg: ModelConfig, num_classes: int, *, load_pretrained: bool = 
     """Build the network named by ``cfg.name`` for ``num_classes`` classes.
 
     With ``cfg.pretrained`` set (and ``load_pretrained``), weights are read from that local file: the
-    whole network's when the file holds them all, else the encoder's (:func:`load_weights`). Pass
+    whole network's when the file holds them all, else the encoder's (:func:`load_weights`); a
+    pretraining name (``imagenet``, ``dinov2``, ``dinov3``) initialises the encoder through timm
+    (:mod:`sclseg.models.pretrained`). Pass
     ``load_pretrained=False`` when full weights follow anyway (restoring a checkpoint), so that the
     file need not exist on the machine.
     """
@@ -44,7 +47,13 @@ def create_model(cfg: ModelConfig, num_classes: int, *, load_pretrained: bool = 
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if cfg.output_stride not in (8, 16):
         raise ConfigError(f"model.output_stride must be 8 or 16, got {cfg.output_stride}")
-    model = check_model_name(cfg.name).build(cfg, num_classes)
+    entry = check_model_name(cfg.name)
+    model = entry.build(cfg, num_classes)
     if cfg.pretrained and load_pretrained:
-        model.pretrained_report = load_weights(model, cfg.pretrained, layout_for(cfg.name, cfg.pretrained_weights))
+        layout = layout_for(cfg.name, cfg.pretrained_weights)
+        if is_pretrained_name(cfg.pretrained):
+            report = load_pretrained_by_name(model, cfg.name, cfg.pretrained, entry.pretrained, layout)
+        else:
+            report = load_weights(model, cfg.pretrained, layout)
+        model.pretrained_report = report
     return model
