@@ -52,7 +52,7 @@ from bench_losses import CpuLoad, chosen_device, cpu_allocation_peaks, fmt_bytes
 from bench_step import synthetic_data
 from sclseg.config import load_config, resolve_config_path
 from sclseg.engine.trainer import Trainer
-from sclseg.models.checkpointing import CHECKPOINT_MODES
+from sclseg.models.activation_checkpointing import CHECKPOINT_MODES
 from sclseg.teacher import unwrap
 
 AMP_MODES = ("off", "bf16", "fp16")

@@ -28,7 +28,7 @@ import sclseg.engine.trainer as trainer_module
 from sclseg.engine.trainer import Trainer
 from sclseg.losses import relaxed_boundary_loss, structured_consistency_loss
 from sclseg.models import create_model
-from sclseg.models.checkpointing import apply_activation_checkpointing
+from sclseg.models.activation_checkpointing import apply_activation_checkpointing
 from test_checkpointing import batchnorm_state, fwd_bwd, small_model
 # the scl run of the resume tests, its data (a fixture) and its model behind channel dropout (a fixture)
 from test_resume import SCL, _cfg, data, dropout_model  # noqa: F401

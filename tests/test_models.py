@@ -9,7 +9,6 @@ forward passes, are in ``test_published_weights.py``.
 from __future__ import annotations
 
 import gc
-import typing
 from unittest import mock
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from sclseg.config import ConfigError, ModelConfig
+from sclseg.config import ConfigError, ModelConfig, load_config
 from sclseg.models import MODEL_NAMES, PretrainedReport, create_model, load_encoder_weights
 from sclseg.models.compact import CompactEncoder
 from sclseg.models.resnet import ResNetEncoder
@@ -75,8 +74,11 @@ def test_model_names_and_unknown_name_lists_them():
         assert name in str(info.value)
     with pytest.raises(ConfigError, match="num_classes"):
         create_model(ModelConfig(name="compact"), 0)
-    # the config accepts exactly the names the builder knows
-    assert typing.get_args(typing.get_type_hints(ModelConfig)["name"]) == MODEL_NAMES
+    # the config accepts exactly the names the builder knows, and names the key and the choices
+    for name in MODEL_NAMES:
+        assert load_config(None, [f"model.name={name}"]).model.name == name
+    with pytest.raises(ConfigError, match="model.name: expected one of compact, .*dpt_dinov3_large, got 'resnet18'"):
+        load_config(None, ["model.name=resnet18"])
 
 
 # --------------------------------------------------------------------------- Wider ResNet-38

@@ -98,8 +98,13 @@ def _checkpoint_model(path: str, use_teacher: bool, cfg: Optional[Config] = None
     from sclseg.engine.checkpoint import CHECKPOINT_FORMAT, WEIGHTS_FORMAT, load_checkpoint
     from sclseg.export import build_model_from_checkpoint
     from sclseg.models import create_model
-    from sclseg.models.weights import layout_for, load_weights, read_file
+    from sclseg.models.registry import layout_for
+    from sclseg.models.weights import load_weights, read_file
 
+    if Path(path).suffix == ".onnx":
+        from sclseg.export import load_onnx
+
+        return load_onnx(path)
     if cfg is None:
         ckpt = load_checkpoint(Path(path))
     else:
@@ -116,6 +121,15 @@ def _checkpoint_model(path: str, use_teacher: bool, cfg: Optional[Config] = None
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from sclseg.export import export_weights
+
+    if Path(args.out).suffix == ".onnx":
+        from sclseg.export import export_onnx
+
+        info = export_onnx(Path(args.checkpoint), Path(args.out), use_teacher=not args.student, opset=args.opset)
+        Path(f"{args.out}.json").write_text(json.dumps(info, indent=2))
+        print(f"wrote the {info['weights']} network of step {info['iteration']} as ONNX (opset {info['opset']}, "
+              f"{info['bytes'] / 1e6:.1f} MB) to {args.out}")
+        return 0
 
     info = export_weights(Path(args.checkpoint), Path(args.out), use_teacher=not args.student,
                           dtype=torch.float16 if args.half else None)
@@ -488,11 +502,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
-    p = _command(sub, "export", "write the weights-only inference file of a checkpoint", overrides=False)
+    p = _command(sub, "export", "write the weights-only inference file (.pt) or the ONNX graph (.onnx) of a checkpoint",
+                 overrides=False)
     p.add_argument("checkpoint", help="a training checkpoint (step_N.pt, best.pt)")
-    p.add_argument("out", help="output file (e.g. model.pt); predict and evaluate accept it as --checkpoint")
+    p.add_argument("out", help="output file, its format from the suffix: model.pt (weights) or model.onnx (ONNX, "
+                               "dynamic batch and size); predict accepts both as --checkpoint")
     p.add_argument("--student", action="store_true", help="export the student instead of the EMA teacher")
     p.add_argument("--half", action="store_true", help="store the floating tensors as float16")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset of a .onnx output (default: 18)")
     p.set_defaults(func=_cmd_export)
 
     _add_comparison_commands(sub)

@@ -142,23 +142,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal[
-        "compact",
-        "deeplabv3plus_wrn38",  # Zhu et al.'s DeepWV3Plus (NVIDIA sdcnet)
-        "deeplabv3plus_resnet50",
-        "deeplabv3plus_resnet101",
-        "deeplabv3plus_resnet50_deepstem",  # UniMatch V1's DeepLabV3+
-        "deeplabv3plus_resnet101_deepstem",
-        "dpt_dinov2_small",
-        "dpt_dinov2_base",
-        "dpt_dinov2_large",
-    ] = field(default="compact", metadata=_help(
-        "network: compact, DeepLabV3+ (WRN-38 as Zhu et al., ResNet, UniMatch V1's deep stem) or DPT-DINOv2"))
+    name: str = field(default="compact", metadata=_help(
+        "a network of the model registry (sclseg.models.registry; docs/models.md): compact, deeplabv3plus_*, dpt_*"))
     output_stride: Literal[8, 16] = field(default=8,
         metadata=_help("encoder output stride of the DeepLabV3+ models (8 or 16)"))
     width: int = field(default=32, metadata=_help("base channel count of the compact model"))
-    pretrained: Optional[str] = field(default=None,
-        metadata=_help("local file of the whole network's or the encoder's weights (never downloaded); null: none"))
+    pretrained: Optional[str] = field(default=None, metadata=_help(
+        "a local file of the whole network's or the encoder's weights, or imagenet / dinov2 / dinov3; null: none"))
     pretrained_weights: Literal["ema", "model"] = field(default="ema",
         metadata=_help("which weights of a file that holds both: ema (teacher) or model (student)"))
 
@@ -556,11 +546,18 @@ def _validate_training(o: OptimConfig, t: TrainConfig, e: EvalConfig) -> None:
     _check(e.boundary_width >= 0, "eval.boundary_width", ">= 0 (0 turns boundary_miou off)", e.boundary_width)
 
 
+def _validate_model(m: ModelConfig) -> None:
+    from sclseg.models.registry import check_model_name  # the models import this module
+
+    check_model_name(m.name, "model.name")
+
+
 def validate(cfg: Config) -> None:
     """Ranges and cross-field checks the types alone cannot express, each naming its key.
 
     Runs once, when a config is loaded, before any data is touched.
     """
+    _validate_model(cfg.model)
     _validate_method(cfg.method)
     from sclseg.methods import method_class
 

@@ -42,7 +42,7 @@ from sclseg.engine.seeding import seed_process, stream_seed
 from sclseg.data.stream import StepBatches, Stream, batch_to_device, make_stream
 from sclseg.methods import build_method, method_class
 from sclseg.models import create_model
-from sclseg.models.checkpointing import apply_activation_checkpointing
+from sclseg.models.activation_checkpointing import apply_activation_checkpointing
 from sclseg.teacher import MeanTeacher, unwrap
 
 __all__ = ["Trainer", "StepCallback"]

@@ -70,6 +70,8 @@ class DINOv2Encoder(nn.Module):
     segmentation) so that the parameter set and the keys are Meta's.
     """
 
+    patch_size = PATCH_SIZE
+
     def __init__(self, size: str = "base") -> None:
         super().__init__()
         if size not in DINOV2_SIZES:

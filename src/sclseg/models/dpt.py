@@ -1,16 +1,17 @@
-"""DPT on DINOv2 (Ranftl et al., 2021; the segmentation network of UniMatch V2, Yang et al., 2024).
+"""DPT on DINOv2 or DINOv3 (Ranftl et al., 2021; the segmentation network of UniMatch V2, Yang et al., 2024).
 
 Layout and parameter names follow UniMatch V2's ``DPT``: ``encoder`` here is its ``backbone``
-(Meta's DINOv2 keys, see :mod:`sclseg.models.dinov2`) and ``head`` its ``DPTHead`` key for key,
-so a UniMatch V2 checkpoint maps onto this model by renaming ``module.backbone.`` to
-``encoder.`` and ``module.head.`` to ``head.``.
+(Meta's DINOv2 keys, see :mod:`sclseg.models.dinov2`; timm's DINOv3 modules, see
+:mod:`sclseg.models.dinov3`) and ``head`` its ``DPTHead`` key for key, so a UniMatch V2 checkpoint
+maps onto this model by renaming ``module.backbone.`` to ``encoder.`` and ``module.head.`` to
+``head.`` (and, for DINOv3, Meta's names onto timm's).
 
 Head, from the patch tokens of four blocks ``(B, h*w, D)``, each reshaped to ``(B, D, h, w)``:
-1x1 projections to ``out_channels``; resized to strides 14/4, 14/2, 14, 28 (4x and 2x transposed
+1x1 projections to ``out_channels``; resized to strides P/4, P/2, P, 2P for patch P (4x and 2x transposed
 convs, identity, a stride-2 3x3 conv); 3x3 convs to ``features`` without bias; four fusion blocks
 from the coarsest (two pre-activation residual units, bilinear upsampling with
 ``align_corners=True`` to the next map, or 2x for the last, a 1x1 conv); a 3x3 conv + ReLU and a
-1x1 classifier at stride 14/8; bilinear upsampling (``align_corners=True``) to the input size.
+1x1 classifier at stride P/8; bilinear upsampling (``align_corners=True``) to the input size.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sclseg.models.deeplab import IMAGENET_MEAN, IMAGENET_STD, FeaturePerturbation
-from sclseg.models.dinov2 import PATCH_SIZE, DINOv2Encoder
+from sclseg.models.dinov2 import DINOv2Encoder
+from sclseg.models.dinov3 import DINOv3Encoder
 
-__all__ = ["DPT", "DPTHead", "DPT_SIZES"]
+__all__ = ["DPT", "DPTHead", "DPT_SIZES", "DPT_ENCODERS"]
+
+#: ``family`` -> encoder class (patch 14 for DINOv2, 16 for DINOv3; the same four token maps).
+DPT_ENCODERS: dict[str, type[nn.Module]] = {"dinov2": DINOv2Encoder, "dinov3": DINOv3Encoder}
 
 #: size -> (features, out_channels): UniMatch V2's ``model_configs``.
 DPT_SIZES: dict[str, tuple[int, tuple[int, int, int, int]]] = {
@@ -110,21 +115,25 @@ class DPTHead(nn.Module):
 
 
 class DPT(nn.Module):
-    """DINOv2 encoder + DPT head: images ``(B, 3, H, W)`` in ``[0, 1]`` -> logits ``(B, K, H, W)``.
+    """DINOv2 or DINOv3 encoder (``family``) + DPT head: images ``(B, 3, H, W)`` in ``[0, 1]`` -> logits
+    ``(B, K, H, W)``.
 
     Images are normalised with ImageNet statistics inside (UniMatch V2's data pipeline does it
     outside), so ``DPT(x)`` equals UniMatch V2's ``DPT((x - mean) / std)``. Sides that are not a
-    multiple of 14 are first resized bilinearly (``align_corners=True``) to the nearest multiple
-    (at least 14), and the logits, once at that size, resized back the same way: UniMatch V2's
+    multiple of the patch (``encoder.patch_size``: 14 for DINOv2, 16 for DINOv3) are first resized
+    bilinearly (``align_corners=True``) to the nearest multiple (at least one patch), and the logits,
+    once at that size, resized back the same way: UniMatch V2's
     whole-image evaluation.
     """
 
-    def __init__(self, size: str, num_classes: int) -> None:
+    def __init__(self, size: str, num_classes: int, family: str = "dinov2") -> None:
         super().__init__()
         if size not in DPT_SIZES:
             raise ValueError(f"DPT size '{size}' is unknown; available: {', '.join(DPT_SIZES)}")
+        if family not in DPT_ENCODERS:
+            raise ValueError(f"DPT encoder family '{family}' is unknown; available: {', '.join(DPT_ENCODERS)}")
         features, out_channels = DPT_SIZES[size]
-        self.encoder = DINOv2Encoder(size)
+        self.encoder = DPT_ENCODERS[family](size)
         self.head = DPTHead(num_classes, self.encoder.embed_dim, features, out_channels)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -135,7 +144,8 @@ class DPT(nn.Module):
         images resized to patch multiples."""
         height, width = images.shape[-2:]
         x = (images - self.mean) / self.std
-        size = (_patch_multiple(height), _patch_multiple(width))
+        patch = self.encoder.patch_size
+        size = (_patch_multiple(height, patch), _patch_multiple(width, patch))
         if size != (height, width):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return list(self.encoder(x))
@@ -143,8 +153,9 @@ class DPT(nn.Module):
     def decode(self, features: list[Tensor], size: Sequence[int]) -> Tensor:
         """Logits ``(B, K, *size)`` from :meth:`encode`'s token maps of images of ``size``."""
         height, width = int(size[0]), int(size[1])
-        grid = (_patch_multiple(height), _patch_multiple(width))
-        logits = self.head(features, grid[0] // PATCH_SIZE, grid[1] // PATCH_SIZE)
+        patch = self.encoder.patch_size
+        grid = (_patch_multiple(height, patch), _patch_multiple(width, patch))
+        logits = self.head(features, grid[0] // patch, grid[1] // patch)
         logits = F.interpolate(logits, size=grid, mode="bilinear", align_corners=True)
         if grid != (height, width):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=True)
@@ -157,6 +168,6 @@ class DPT(nn.Module):
         return self.decode(features if perturb is None else perturb(features), images.shape[-2:])
 
 
-def _patch_multiple(length: int) -> int:
-    """``length`` rounded to the nearest multiple of the patch size (halves up), at least one patch."""
-    return max(1, int(length / PATCH_SIZE + 0.5)) * PATCH_SIZE
+def _patch_multiple(length: int, patch: int) -> int:
+    """``length`` rounded to the nearest multiple of ``patch`` (halves up), at least one patch."""
+    return max(1, int(length / patch + 0.5)) * patch

@@ -6,9 +6,10 @@ A file initialises either the **whole network** (every tensor of the model is in
 ``resnet101.pth``, torchvision's ``resnet50-*.pth``); the rest keeps its initial values.
 
 How a model's keys relate to the files published for it is one :class:`WeightLayout` per
-``model.name`` in :data:`LAYOUTS`. To let a model read a new published layout, give it a layout
-(``register_layout``) whose ``rename`` maps that file's key names onto the model's own and whose
-``containers`` say where the file keeps its tensors. Every file is read with
+``model.name``, in the model registry (:data:`sclseg.models.registry.MODELS`). To let a model read a
+new published layout, give its entry a layout whose ``rename`` maps that file's key names onto the
+model's own (and ``convert`` whatever cannot be renamed key by key) and whose ``containers`` say
+where the file keeps its tensors. Every file is read with
 :func:`sclseg.serialization.safe_load` (``weights_only=True`` plus exactly the NumPy scalar types
 published checkpoints hold); nothing is ever downloaded. A path ``sclseg:NAME`` names a file
 shipped inside the package (``sclseg:weights/compact16_digit_crops.pt``, see
@@ -33,9 +34,13 @@ from sclseg.serialization import UnsafeFileError, safe_load
 __all__ = [
     "WeightLayout",
     "PretrainedReport",
-    "LAYOUTS",
-    "register_layout",
-    "layout_for",
+    "SCLSEG_LAYOUT",
+    "NVIDIA_WRN38_LAYOUT",
+    "UNIMATCH_V1_LAYOUT",
+    "UNIMATCH_V2_LAYOUT",
+    "DINOV3_LAYOUT",
+    "prefer_container",
+    "dinov3_from_meta",
     "PACKAGE_SCHEME",
     "resolve_path",
     "read_file",
@@ -66,24 +71,22 @@ class WeightLayout:
         encoder_prefix: what goes in front of an encoder-only file's keys (after ``rename``) when the
             model does not have them as they are (torchvision's ``conv1.weight`` is the model's
             ``encoder.conv1.weight``).
+        convert: applied to the renamed tensors as a whole, for what one key at a time cannot
+            express (one file tensor split into two model tensors); None: nothing to do.
+        optional: model keys a file may lack without error (tensors the forward pass never uses);
+            they keep their initial values and are reported as missing.
     """
 
     rename: Callable[[str], Optional[str]] = _same
     containers: tuple[str, ...] = ("state_dict", "model", "teacher", "student")
     encoder_keys: tuple[str, ...] = ("encoder.",)
     encoder_prefix: str = "encoder."
+    convert: Optional[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]] = None
+    optional: tuple[str, ...] = ()
 
 
 #: The layout of sclseg's DeepLabV3+ models (an ``encoder`` submodule and a head).
 SCLSEG_LAYOUT = WeightLayout()
-
-#: ``model.name`` -> layout; models not listed use :data:`SCLSEG_LAYOUT`.
-LAYOUTS: dict[str, WeightLayout] = {}
-
-
-def register_layout(model_name: str, layout: WeightLayout) -> None:
-    """Make ``model.pretrained`` of ``model_name`` read files through ``layout``."""
-    LAYOUTS[model_name] = layout
 
 
 #: Containers of the trained (not averaged) network in files that hold an EMA copy beside it:
@@ -91,10 +94,9 @@ def register_layout(model_name: str, layout: WeightLayout) -> None:
 _TRAINED_CONTAINERS = ("model", "student")
 
 
-def layout_for(model_name: str, weights: Literal["ema", "model"] = "ema") -> WeightLayout:
-    """The layout of ``model_name``; ``weights="model"`` (``model.pretrained_weights``) prefers the
-    trained network's container over the EMA one in files holding both."""
-    layout = LAYOUTS.get(model_name, SCLSEG_LAYOUT)
+def prefer_container(layout: WeightLayout, weights: Literal["ema", "model"] = "ema") -> WeightLayout:
+    """``layout`` as it is for ``weights="ema"``; for ``weights="model"`` (``model.pretrained_weights``)
+    preferring the trained network's container over the EMA one in files holding both."""
     if weights == "ema":
         return layout
     if weights != "model":
@@ -218,6 +220,8 @@ def read_state(
             own = layout.rename(_strip_module(str(key)))
             if own is not None:
                 tensors.setdefault(own, value)
+    if layout.convert is not None:
+        tensors = layout.convert(tensors)
     if not tensors:
         keys = ", ".join(map(str, list(state)[:10]))
         raise ConfigError(f"{what}: no tensors in {path} (top-level keys: {keys})")
@@ -254,10 +258,11 @@ def load_weights(
     tensors = read_state(path, layout, container=container, contents=contents, what=what)
     own = model.state_dict()
     network = scope != "encoder" and all(
-        k in tensors and tensors[k].shape == v.shape for k, v in own.items() if not _counter(k)
+        k in tensors and tensors[k].shape == v.shape for k, v in own.items()
+        if not _counter(k) and k not in layout.optional
     )
     if scope == "network" and not network:
-        _raise_mismatch(what, path, tensors, own, type(model).__name__, "network")
+        _raise_mismatch(what, path, tensors, own, type(model).__name__, "network", layout.optional)
     if network:
         targets = {k: k for k in tensors if k in own}
         wanted = list(own)
@@ -272,7 +277,7 @@ def load_weights(
                     break
         scope = "encoder"
         _raise_mismatch(what, path, {targets[k]: tensors[k] for k in targets}, {k: own[k] for k in wanted},
-                        type(model).__name__, "encoder")
+                        type(model).__name__, "encoder", layout.optional)
     model.load_state_dict({**own, **{target: tensors[key] for key, target in targets.items()}}, strict=True)
     taken = set(targets.values())
     report = PretrainedReport(str(path), scope)
@@ -287,7 +292,7 @@ def load_weights(
 
 def _raise_mismatch(
     what: str, path: Union[str, Path], found: Mapping[str, torch.Tensor], wanted: Mapping[str, torch.Tensor],
-    owner: str, part: str,
+    owner: str, part: str, optional: tuple[str, ...] = (),
 ) -> None:
     """Raise the :class:`ConfigError` that says why ``found`` cannot initialise ``wanted`` (if it cannot)."""
     matched = [k for k in wanted if k in found]
@@ -301,7 +306,7 @@ def _raise_mismatch(
         details = "; ".join(f"{k}: file {tuple(found[k].shape)} vs {part} {tuple(wanted[k].shape)}" for k in wrong[:8])
         more = f" (and {len(wrong) - 8} more)" if len(wrong) > 8 else ""
         raise ConfigError(f"{what}: {len(wrong)} tensors in {path} do not fit the {owner} {part}: {details}{more}")
-    required = [k for k in wanted if k not in found and not _counter(k)]
+    required = [k for k in wanted if k not in found and not _counter(k) and k not in optional]
     if required:
         raise ConfigError(
             f"{what}: {path} lacks {len(required)} of the {owner} {part}'s tensors ({_shown(required)}); "
@@ -339,10 +344,54 @@ def _unimatch_v1(key: str) -> Optional[str]:
     return f"encoder.{key[len('backbone.'):]}" if key.startswith("backbone.") else key
 
 
-register_layout("deeplabv3plus_wrn38", WeightLayout(rename=_nvidia_wrn38))
-for _name in ("deeplabv3plus_resnet50_deepstem", "deeplabv3plus_resnet101_deepstem"):
-    register_layout(_name, WeightLayout(rename=_unimatch_v1))
+def _meta_dinov3_block(key: str) -> str:
+    """timm's name for a tensor of Meta's DINOv3 transformer (``storage_tokens`` -> ``reg_token``,
+    ``blocks.N.ls1.gamma`` -> ``blocks.N.gamma_1``); other names are the same in both."""
+    if key == "storage_tokens" or key.endswith(".storage_tokens"):
+        return key[: -len("storage_tokens")] + "reg_token"
+    return key.replace(".ls1.gamma", ".gamma_1").replace(".ls2.gamma", ".gamma_2")
+
+
+def dinov3_from_meta(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Meta's DINOv3 tensors (``dinov3_vit*16_pretrain_*.pth``, or under a prefix such as ``encoder.``)
+    under the names of :class:`sclseg.models.dinov3.DINOv3Encoder` (timm's).
+
+    ``attn.qkv.bias`` ``(3D,)`` is applied by Meta as ``bias * bias_mask``, the mask 1 on the query
+    and value thirds and 0 on the key third: it becomes ``attn.q_bias`` and ``attn.v_bias`` (the
+    key bias is zero in both). ``bias_mask`` is checked to be that mask and then dropped. What has
+    no place in the encoder stays under its own name, so that loading reports it as ignored:
+    ``mask_token`` (masked-image pre-training), ``rope_embed.periods`` (recomputed from the RoPE
+    base), ``local_cls_norm`` (pre-training on local crops). Tensors already under timm's names
+    (sclseg's own checkpoints) pass unchanged.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if key.endswith(".attn.qkv.bias_mask"):
+            _check_key_mask(key, value)
+        elif key.endswith(".attn.qkv.bias") and key[: -len("bias")] + "bias_mask" in tensors:
+            query, _, values = value.chunk(3)
+            out[key.replace(".qkv.bias", ".q_bias")], out[key.replace(".qkv.bias", ".v_bias")] = query, values
+        else:
+            out[_meta_dinov3_block(key)] = value
+    return out
+
+
+def _check_key_mask(key: str, mask: torch.Tensor) -> None:
+    thirds = mask.float().chunk(3)
+    if not (bool((thirds[0] == 1).all()) and bool((thirds[1] == 0).all()) and bool((thirds[2] == 1).all())):
+        raise ConfigError(f"model.pretrained: {key} is not DINOv3's key-bias mask (1 on the query and value "
+                          "thirds, 0 on the key third); this file's attention is not the one DINOv3 defines")
+
+
+#: NVIDIA's sdcnet files of the Wider ResNet-38 DeepLabV3+.
+NVIDIA_WRN38_LAYOUT = WeightLayout(rename=_nvidia_wrn38)
+#: UniMatch V1's DeepLabV3+ on the deep-stem ResNets.
+UNIMATCH_V1_LAYOUT = WeightLayout(rename=_unimatch_v1)
 # UniMatch V2's DPT has the same ``backbone.`` (Meta's DINOv2 names) and ``head.``; its checkpoints
 # hold the EMA network (``model_ema``) beside the trained one (``model``): the EMA by default.
-for _name in ("dpt_dinov2_small", "dpt_dinov2_base", "dpt_dinov2_large"):
-    register_layout(_name, WeightLayout(rename=_unimatch_v1, containers=("model_ema", "teacher", "model", "student", "state_dict")))
+# Meta's DINOv2 ``mask_token`` is missing from timm's DINOv2 files and never used by segmentation.
+_UNIMATCH_V2_CONTAINERS = ("model_ema", "teacher", "model", "student", "state_dict")
+UNIMATCH_V2_LAYOUT = WeightLayout(rename=_unimatch_v1, containers=_UNIMATCH_V2_CONTAINERS,
+                                  optional=("encoder.mask_token",))
+#: UniMatch V2's layout with Meta's DINOv3 names in ``backbone.``.
+DINOV3_LAYOUT = replace(UNIMATCH_V2_LAYOUT, convert=dinov3_from_meta, optional=())
