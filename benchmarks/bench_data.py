@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_losses import CpuLoad, machine_info, sync, write_json
 from sclseg.config import config_to_dict, load_config, resolve_config_path
+
+from bench_losses import CpuLoad, machine_info, sync, write_json
 
 # labelIds of the 19 evaluated Cityscapes classes, and some ignored ids (unlabeled, ego vehicle, ...)
 TRAIN_LABEL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]

@@ -32,12 +32,21 @@ from typing import Optional
 
 import torch
 
-from bench_losses import CpuLoad, chosen_device, write_json, fmt_bytes, machine_info, peak_memory_cpu, peak_memory_cuda, sync
 from sclseg.config import ModelConfig
-from sclseg.engine.step import AMP_DTYPES
 from sclseg.engine.inference import predict_probs, tile_starts
+from sclseg.engine.step import AMP_DTYPES
 from sclseg.models import MODEL_NAMES, create_model
 
+from bench_losses import (
+    CpuLoad,
+    chosen_device,
+    fmt_bytes,
+    machine_info,
+    peak_memory_cpu,
+    peak_memory_cuda,
+    sync,
+    write_json,
+)
 
 
 def parse_hw(text: str) -> tuple[int, int]:

@@ -375,9 +375,6 @@ def bench_size(args, device: torch.device, height: int, width: int, dense_budget
         record["other_cpu_load"] = others
     if others is not None and others > 0.1:
         print(f"  warning: other processes used {others:.0%} of the CPUs while {size} ran", file=sys.stderr)
-    del student, teacher, student_logits, owner, target, cases, active
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return list(records.values())
 
 
@@ -450,6 +447,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for height, width in args.sizes:
         print(f"[{time.perf_counter() - start:7.1f}s] size {height}x{width}", file=sys.stderr, flush=True)
         results.extend(bench_size(args, device, height, width, dense_budget))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the size's tensors are gone with its frame
     elapsed = time.perf_counter() - start
     others = total_load.others()
 

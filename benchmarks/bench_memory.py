@@ -42,18 +42,20 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines off stderr
 
 import torch
 
-from bench_losses import CpuLoad, chosen_device, cpu_allocation_peaks, fmt_bytes, machine_info, sync, write_json
-from bench_step import synthetic_data
 from sclseg.config import load_config, resolve_config_path
 from sclseg.engine.trainer import Trainer
 from sclseg.models.activation_checkpointing import CHECKPOINT_MODES
 from sclseg.teacher import unwrap
+
+from bench_losses import CpuLoad, chosen_device, cpu_allocation_peaks, fmt_bytes, machine_info, sync, write_json
+from bench_step import synthetic_data
 
 AMP_MODES = ("off", "bf16", "fp16")
 OPTIMIZER_EVENT = "Optimizer.step#"  # torch.optim's record_function around every step()
@@ -139,7 +141,6 @@ def measure(args, crop: tuple[int, int], checkpointing: str, amp: str, device: t
             one_step(trainer, batch, ubatch)
             sync(device)
             times.append(time.perf_counter() - t0)
-        del trainer
     d = cfg.data
     return {
         "activation_checkpointing": checkpointing,

@@ -50,11 +50,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from bench_losses import CpuLoad, fmt_bytes, machine_info, sync, write_json
 from sclseg.config import Config, config_to_dict, load_config, resolve_config_path
 from sclseg.data import ClassInfo, DataBundle, SegmentationDataset
 from sclseg.data.stream import Stream
 from sclseg.engine.trainer import Trainer
+
+from bench_losses import CpuLoad, fmt_bytes, machine_info, sync, write_json
 
 TARGET_RATIO = 1.10
 

@@ -149,12 +149,13 @@ def train_steps(args: argparse.Namespace) -> int:
 
     import torch
 
-    from bench_losses import write_json
-    from bench_memory import one_step, synthetic_batches
-    from bench_step import synthetic_data
     from sclseg.config import load_config, resolve_config_path
     from sclseg.engine.trainer import Trainer
     from sclseg.models import MODEL_NAMES
+
+    from bench_losses import write_json
+    from bench_memory import one_step, synthetic_batches
+    from bench_step import synthetic_data
 
     device = torch.device(args.device)
     models = args.models.split(",") if args.models else [m for m in MODEL_NAMES if m != "compact"]

@@ -17,11 +17,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sclseg.cli import main
-from sclseg.config import ConfigError, load_config, resolve_config_path
+from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
-from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.data.stream import make_stream
+from sclseg.engine.checkpoint import load_checkpoint, save_atomic
 from sclseg.engine.trainer import Trainer
+
 from tiny_config import TINY
 
 TINY = [*TINY, "train.eval_interval=100"]

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 pytest.importorskip("cityscapesscripts", reason="the 'cityscapes' extra (cityscapesscripts) is not installed")
-from cityscapesscripts.helpers.labels import id2label, labels as CS_LABELS  # noqa: E402
+from cityscapesscripts.helpers.labels import id2label  # noqa: E402
+from cityscapesscripts.helpers.labels import labels as CS_LABELS
 
 from sclseg.config import ConfigError, config_from_dict, load_config  # noqa: E402
 from sclseg.data import build_data  # noqa: E402
@@ -55,7 +56,7 @@ def build_tree(root: Path, *, n_per_city=None, size=(16, 32), seed=0) -> dict[st
     n_per_city = n_per_city or {"train": 3, "val": 2, "train_extra": 2}
     rng = np.random.default_rng(seed)
     names: dict[str, list[str]] = {}
-    colours = np.array([label.color for label in sorted(CS_LABELS, key=lambda l: l.id) if label.id >= 0], dtype=np.uint8)
+    colours = np.array([label.color for label in sorted(CS_LABELS, key=lambda entry: entry.id) if label.id >= 0], dtype=np.uint8)
     for split, cities in TREE_CITIES.items():
         names[split] = []
         for city in cities:

@@ -9,7 +9,9 @@ import pytest
 
 from sclseg.cli import EXIT_USAGE, main
 from sclseg.config import ConfigError, load_config, resolve_config_path
+
 from tiny_config import TINY
+
 
 def test_unknown_config_key_names_the_nearest_valid_key(tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=r"method\.lambda_sc"):

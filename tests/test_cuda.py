@@ -17,21 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import sclseg.engine.trainer as trainer_module
 from sclseg.config import ModelConfig
 from sclseg.cutmix import BoxMaskGenerator
+from sclseg.data.stream import batch_to_device
 from sclseg.data.transforms import PhotometricAugment
 from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.guards import NonFiniteWatch
 from sclseg.engine.inference import predict_probs
-from sclseg.data.stream import batch_to_device
-import sclseg.engine.trainer as trainer_module
 from sclseg.engine.trainer import Trainer
 from sclseg.losses import relaxed_boundary_loss, structured_consistency_loss
 from sclseg.models import create_model
 from sclseg.models.activation_checkpointing import apply_activation_checkpointing
 from test_checkpointing import batchnorm_state, fwd_bwd, small_model
+
 # the scl run of the resume tests, its data (a fixture) and its model behind channel dropout (a fixture)
 from test_resume import SCL, _cfg, data, dropout_model  # noqa: F401
+
 from toy_models import Pointwise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

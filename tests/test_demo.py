@@ -15,6 +15,7 @@ from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
 from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.trainer import Trainer
+
 from tiny_config import TINY
 
 DEMO = [*TINY, "train.iterations=6", "train.eval_interval=3", "train.log_interval=1", "method.unlabeled_start=2",

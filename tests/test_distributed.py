@@ -35,6 +35,7 @@ from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.trainer import Trainer
 from sclseg.methods import build_method
 from sclseg.teacher import MeanTeacher
+
 from tiny_config import TINY
 
 # lr 0.01: at the default 0.05 this tiny network is so ill-conditioned by step 3 that one process

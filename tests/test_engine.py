@@ -12,12 +12,12 @@ import yaml
 from PIL import Image
 
 from sclseg.cli import main
-from sclseg.config import ConfigError, load_config, resolve_config_path
+from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
 from sclseg.data.digits import DIGIT_CLASSES
 from sclseg.engine.optim import build_optimizer
-from sclseg.metrics import ConfusionMatrix
 from sclseg.models import create_model
+
 from tiny_config import TINY as SHARED_TINY
 
 TINY = [

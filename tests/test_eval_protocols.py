@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from toy_models import Pointwise
 from sclseg.engine.inference import predict_probs, unimatch_v1_windows, unimatch_v2_windows, window_mode_name
+
+from toy_models import Pointwise
 
 
 class Contextual(nn.Module):

@@ -94,12 +94,12 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
 
 
 def test_calibrated_batchnorm_holds_the_batch_statistics_in_student_and_teacher(tmp_path):
-    from gpu_check import calibrate_batchnorm
+    from sclseg.config import load_config, resolve_config_path
+    from sclseg.engine.trainer import Trainer
 
     from bench_memory import synthetic_batches
     from bench_step import synthetic_data
-    from sclseg.config import load_config, resolve_config_path
-    from sclseg.engine.trainer import Trainer
+    from gpu_check import calibrate_batchnorm
 
     cfg = load_config(resolve_config_path("digits/default"), ["data.crop_size=[32, 32]", "model.pretrained=null",
                                                                "data.batch_size=2", "data.unlabeled_batch_size=2"])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from toy_models import Pointwise
 from sclseg.engine.inference import predict_probs, tile_starts
+
+from toy_models import Pointwise
 
 
 class SymmetricConv(nn.Module):

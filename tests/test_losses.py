@@ -59,12 +59,12 @@ def ref_cos(u, v) -> float:
 
 def ref_region_losses(s, t, owner, n_boxes: int, last_boxes: int) -> dict:
     """{(b, n): mean over all ordered pairs of T x T (diagonal included)} for non-empty regions."""
-    S, T, O = s.double().tolist(), t.double().tolist(), owner.tolist()
+    S, T, owners = s.double().tolist(), t.double().tolist(), owner.tolist()
     B, C, H, W = s.shape
     out = {}
     for b in range(B):
         for n in range(n_boxes - last_boxes, n_boxes):
-            pix = [(y, x) for y in range(H) for x in range(W) if O[b][y][x] == n]
+            pix = [(y, x) for y in range(H) for x in range(W) if owners[b][y][x] == n]
             if not pix:
                 continue
             sv = [[S[b][c][y][x] for c in range(C)] for y, x in pix]

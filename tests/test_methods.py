@@ -18,6 +18,7 @@ from sclseg.methods import METHODS, Method, build_method, method_class
 from sclseg.methods.weak_strong import channel_dropout, complementary_dropout
 from sclseg.models import create_model
 from sclseg.teacher import MeanTeacher
+
 from tiny_config import TINY
 
 WEAK_TO_STRONG = ["fixmatch", "fixmatch_scl", "unimatch_v1", "unimatch_v1_scl", "unimatch_v2", "unimatch_v2_scl"]

@@ -19,9 +19,8 @@ from torch import nn
 from sclseg.config import ConfigError, ModelConfig, load_config
 from sclseg.models import MODEL_NAMES, PretrainedReport, create_model, load_encoder_weights
 from sclseg.models.compact import CompactEncoder
-from sclseg.models.resnet import ResNetEncoder
-from sclseg.models.wrn38 import WRN38_CHANNELS, WRN38_STRUCTURE, WiderResNet38
 from sclseg.models.resnet_deepstem import DeepStemDeepLabV3Plus
+from sclseg.models.wrn38 import WRN38_CHANNELS, WRN38_STRUCTURE, WiderResNet38
 
 NUM_CLASSES = 19
 REFERENCE_WRN38_PARAMS = 137.1e6  # Zhu et al.'s DeepWV3Plus for 19 classes ("about 137.1M")

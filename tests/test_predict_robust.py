@@ -16,6 +16,7 @@ from sclseg.config import config_to_dict, load_config, resolve_config_path
 from sclseg.data.digits import DIGIT_CLASSES
 from sclseg.engine.checkpoint import WEIGHTS_FORMAT
 from sclseg.models import create_model
+
 from tiny_config import TINY
 
 

@@ -17,6 +17,7 @@ from sclseg.config import ConfigError, load_config, resolve_config_path
 from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.errors import CheckpointWriteFailed
 from sclseg.engine.trainer import Trainer
+
 from tiny_config import TINY
 
 DIGITS = resolve_config_path("digits/default")

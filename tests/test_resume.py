@@ -28,10 +28,11 @@ import sclseg.engine.trainer as trainer_module
 from sclseg.cli import main
 from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
+from sclseg.data.stream import make_stream
 from sclseg.data.transforms import PhotometricAugment
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
-from sclseg.data.stream import make_stream
 from sclseg.engine.trainer import Trainer
+
 from tiny_config import TINY
 
 # scl with few boxes and few pairs: SCL regions always exceed max_pairs, so pairs are sampled

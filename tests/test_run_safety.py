@@ -15,9 +15,10 @@ import torch
 
 from sclseg.cli import EXIT_USAGE, main
 from sclseg.config import load_config, resolve_config_path
-from sclseg.engine.checkpoint import load_checkpoint, save_atomic
+from sclseg.engine.checkpoint import load_checkpoint
 from sclseg.engine.run_dir import RunFolder, RunLock
 from sclseg.engine.trainer import Trainer
+
 from tiny_config import TINY
 
 DIGITS = resolve_config_path("digits/default")

@@ -12,8 +12,8 @@ from PIL import Image
 
 from sclseg.data.base import ClassInfo, SegmentationDataset
 from sclseg.engine.evaluation import find_predictions, score_prediction_dir
-from sclseg.viz import write_cityscapes_prediction, write_color_png, write_index_png
 from sclseg.metrics import ConfusionMatrix
+from sclseg.viz import write_cityscapes_prediction, write_color_png, write_index_png
 
 
 class Tiny(SegmentationDataset):

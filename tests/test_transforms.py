@@ -11,6 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from sclseg.config import load_config, resolve_config_path
 from sclseg.data import build_data
+from sclseg.data.stream import batch_to_device, make_stream
 from sclseg.data.transforms import (
     PARAMS,
     PhotometricAugment,
@@ -23,8 +24,8 @@ from sclseg.data.transforms import (
     gaussian_blur,
 )
 from sclseg.engine.seeding import stream_seed
-from sclseg.data.stream import batch_to_device, make_stream
 from sclseg.engine.trainer import Trainer
+
 from tiny_config import TINY
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from sclseg.cli import EXIT_USAGE, main
-from sclseg.config import ConfigError, load_config
 from sclseg.engine.checkpoint import load_checkpoint, save_atomic
+
 from tiny_config import TINY
 
 

@@ -28,9 +28,10 @@ import re
 import shutil
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Entry:
     overrides: tuple[str, ...]
 
     @classmethod
-    def method(cls, name: str) -> "Entry":
+    def method(cls, name: str) -> Entry:
         return cls(name, (f"method.name={name}",))
 
     def warm_up_group(self) -> tuple[str, ...]:

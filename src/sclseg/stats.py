@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 __all__ = ["t_cdf", "t_quantile", "describe", "paired_difference", "interval_verdict"]
 

@@ -8,8 +8,9 @@ the target and renames it: an interrupted command leaves whole files or none.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
-
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch

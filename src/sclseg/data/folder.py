@@ -19,8 +19,9 @@ dataset is built; sizes and values when a sample is loaded. Every problem is a
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch

@@ -18,7 +18,8 @@ process with its own type and message first (the worker's traceback is attached 
 from __future__ import annotations
 
 import random
-from typing import Callable, Iterator, Literal, Optional
+from collections.abc import Iterator
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -147,7 +148,7 @@ class Stream:
         self.loader, self.name, self.batches = loader, name, start_batch
         self._iterator = iter(loader)
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> dict:

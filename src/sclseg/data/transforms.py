@@ -186,7 +186,7 @@ class PhotometricAugment:
         return out
 
 
-def build_photometric(data: "DataConfig") -> Optional[PhotometricAugment]:
+def build_photometric(data: DataConfig) -> Optional[PhotometricAugment]:
     """The training streams' photometric augmentation for ``data`` (None when it has none)."""
     if data.color_jitter <= 0 and data.blur_prob <= 0:
         return None

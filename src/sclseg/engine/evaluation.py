@@ -31,8 +31,9 @@ the ignore value are skipped. Predictions must have the label's size (full resol
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Optional, Union
 
 import numpy as np
 import torch

@@ -21,7 +21,8 @@ divided by the per-pixel window count, which keeps probabilities and leaves the 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F

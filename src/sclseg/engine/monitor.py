@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-import torch
+
 from torch import Tensor
 
 __all__ = ["TrainMonitor"]

@@ -14,7 +14,8 @@ the same poly schedule ``lr_k = lr_0 * max(0, 1 - k / iterations) ** optim.poly_
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from collections.abc import Iterable
+from typing import Union
 
 import torch
 from torch import Tensor, nn

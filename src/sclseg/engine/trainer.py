@@ -20,18 +20,25 @@ writes files. See docs/distributed.md.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from torch import nn
 
 from sclseg.config import Config, ConfigError
 from sclseg.data import DataBundle, build_data
+from sclseg.data.stream import StepBatches, Stream, batch_to_device, make_stream
 from sclseg.data.transforms import build_photometric
 from sclseg.engine import distributed as dist
-from sclseg.engine.checkpoint import (Checkpointer, TrainState, latest_checkpoint, load_checkpoint,
-                                     newest_readable_checkpoint)
+from sclseg.engine.checkpoint import (
+    Checkpointer,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    newest_readable_checkpoint,
+)
 from sclseg.engine.errors import EvaluationFailed, NonFiniteLoss, TrainingInterrupted, TrainingStopped
 from sclseg.engine.evaluation import Evaluator
 from sclseg.engine.guards import NonFiniteWatch, StopSignals
@@ -39,7 +46,6 @@ from sclseg.engine.monitor import TrainMonitor
 from sclseg.engine.optim import build_optimizer
 from sclseg.engine.run_dir import RunFolder
 from sclseg.engine.seeding import seed_process, stream_seed
-from sclseg.data.stream import StepBatches, Stream, batch_to_device, make_stream
 from sclseg.methods import build_method, method_class
 from sclseg.models import create_model
 from sclseg.models.activation_checkpointing import apply_activation_checkpointing

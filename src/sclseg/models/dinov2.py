@@ -11,7 +11,7 @@ not what timm does, and which the logits depend on.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import timm
 import torch

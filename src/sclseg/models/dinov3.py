@@ -14,7 +14,7 @@ at random (``pos_embed_rope_rescale_coords=2``), which fine-tuning here does not
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import timm
 import torch

@@ -16,7 +16,8 @@ from the coarsest (two pre-activation residual units, bilinear upsampling with
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

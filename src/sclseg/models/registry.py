@@ -17,8 +17,15 @@ from sclseg.models.deeplab import DeepLabV3Plus
 from sclseg.models.dpt import DPT
 from sclseg.models.resnet import ResNetEncoder
 from sclseg.models.resnet_deepstem import DeepStemDeepLabV3Plus
-from sclseg.models.weights import (DINOV3_LAYOUT, NVIDIA_WRN38_LAYOUT, SCLSEG_LAYOUT, UNIMATCH_V1_LAYOUT,
-                                   UNIMATCH_V2_LAYOUT, WeightLayout, prefer_container)
+from sclseg.models.weights import (
+    DINOV3_LAYOUT,
+    NVIDIA_WRN38_LAYOUT,
+    SCLSEG_LAYOUT,
+    UNIMATCH_V1_LAYOUT,
+    UNIMATCH_V2_LAYOUT,
+    WeightLayout,
+    prefer_container,
+)
 from sclseg.models.wrn38 import DeepWV3Plus
 
 __all__ = ["ModelEntry", "MODELS", "MODEL_NAMES", "ASPP_RATES", "layout_for", "check_model_name"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torchvision
-from torch import Tensor, nn
+from torch import Tensor
 
 from sclseg.models.deeplab import Encoder
 

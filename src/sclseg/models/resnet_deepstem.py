@@ -26,7 +26,8 @@ Head (every upsampling bilinear with ``align_corners=True``)::
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import torch
 from timm.models.resnet import Bottleneck, ResNet

@@ -35,7 +35,8 @@ Head (every upsampling bilinear with ``align_corners=True``)::
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal, Optional, Sequence
+from collections.abc import Sequence
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor, nn
