@@ -135,7 +135,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     info = export_weights(Path(args.checkpoint), Path(args.out), use_teacher=not args.student,
                           dtype=torch.float16 if args.half else None)
     Path(f"{args.out}.json").write_text(json.dumps(info, indent=2))  # what was exported, for scripts
-    print(f"wrote the {info['weights']} weights of step {info['iteration']} ({info['bytes'] / 1e6:.1f} MB) to {args.out}")
+    print(f"wrote the {info['weights']} weights of step {info['iteration']} ({info['bytes'] / 1e6:.1f} MB) to "
+          f"{args.out}")
     return 0
 
 
@@ -162,7 +163,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from sclseg.data import build_data
 
     if (args.checkpoint is None) == (args.predictions is None):
-        raise ConfigError("evaluate needs exactly one of --checkpoint CKPT (score a model) or --predictions DIR (score PNGs)")
+        raise ConfigError("evaluate needs exactly one of --checkpoint CKPT (score a model) or --predictions DIR (score "
+                          "PNGs)")
     cfg = _load(args.config, args.overrides)
     if args.split:
         cfg.eval.split = args.split
@@ -194,7 +196,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=2))
     print(f"{cfg.eval.split}: mIoU {result['miou']:.2f} ({result['eval_mode']}, {result['images']} images) -> {out}")
     if result.get("boundary_miou") is not None:
-        print(f"  boundary mIoU {result['boundary_miou']:.2f} (pixels within {result['boundary_width']} of a label edge)")
+        print(f"  boundary mIoU {result['boundary_miou']:.2f} (pixels within {result['boundary_width']} of a label "
+              "edge)")
     for name, iou in result["per_class_iou"].items():
         print(f"  {name:>16s} {'-' if iou is None else f'{iou:6.2f}'}")
     return 0
@@ -257,7 +260,8 @@ def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[
     if not entries:
         raise FileNotFoundError(f"no images ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {', '.join(inputs)}")
     stems = Counter(rel.with_suffix("") for _, rel in entries)
-    named = [(file, rel.with_suffix("") if stems[rel.with_suffix("")] == 1 else rel.with_name(f"{rel.stem}_{rel.suffix[1:]}"))
+    named = [(file,
+              rel.with_suffix("") if stems[rel.with_suffix("")] == 1 else rel.with_name(f"{rel.stem}_{rel.suffix[1:]}"))
              for file, rel in entries]
     owner: dict[Path, Path] = {}
     for file, name in named:
@@ -271,9 +275,11 @@ def _input_files(inputs: Sequence[str], exclude: Optional[Path] = None) -> list[
 def _predict_options(args: argparse.Namespace) -> Path:
     """Check the flags of predict before any model is loaded; return the --out folder."""
     if args.scales is not None and not all(s > 0 and np.isfinite(s) for s in args.scales):
-        raise ConfigError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: expected positive numbers, e.g. 0.5 1.0 2.0")
+        raise ConfigError(f"--scales {' '.join(f'{s:g}' for s in args.scales)}: expected positive numbers, e.g. 0.5 "
+                          "1.0 2.0")
     if args.tile is not None and min(args.tile) < 1:
-        raise ConfigError(f"--tile {args.tile[0]} {args.tile[1]}: expected two positive integers H W, e.g. --tile 512 1024")
+        raise ConfigError(f"--tile {args.tile[0]} {args.tile[1]}: expected two positive integers H W, e.g. --tile 512 "
+                          "1024")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file; expected a folder for the label maps (created when missing)")
@@ -336,7 +342,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror}); expected a writable folder") from None
+        reason = exc.strerror
+        raise ConfigError(f"--out {out}: cannot create the folder ({reason}); expected a writable folder") from None
     model.to(device).eval()
     palette = palette_array([ClassInfo(n, tuple(c)) for n, c in zip(ckpt["class_names"], ckpt["class_colors"])])
     scales = args.scales if args.scales else cfg.eval.scales
@@ -403,7 +410,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if args.summarize is not None:
         if args.config is not None or args.overrides or args.variant:
-            raise ConfigError("compare --summarize DIR takes no CONFIG, --variant or overrides: it reads the run folders")
+            raise ConfigError("compare --summarize DIR takes no CONFIG, --variant or overrides: it reads the run "
+                              "folders")
         out = Path(args.summarize)
         if not out.is_dir():
             raise FileNotFoundError(f"--summarize: no folder {out}")
@@ -488,6 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="re-read every file; neither read nor update the cache")
     p.set_defaults(func=_cmd_check)
 
+    _add_inference_commands(sub)
+    _add_comparison_commands(sub)
+
+    p = _command(sub, "config", "show a resolved config: every key's value, default and meaning")
+    p.add_argument("action", choices=["show"], help="show: print every key of CONFIG (with the overrides)")
+    p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def _add_inference_commands(sub) -> None:
+    """``predict`` and ``export``: a trained network on new images, or out of the package."""
     p = _command(sub, "predict", "label images with a checkpoint", overrides=False)
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--checkpoint", required=True)
@@ -513,14 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of a .onnx output (default: 18)")
     p.set_defaults(func=_cmd_export)
 
-    _add_comparison_commands(sub)
-
-    p = _command(sub, "config", "show a resolved config: every key's value, default and meaning")
-    p.add_argument("action", choices=["show"], help="show: print every key of CONFIG (with the overrides)")
-    p.add_argument("config", help="YAML file, or a packaged config name such as digits/default")
-    p.set_defaults(func=_cmd_config)
-    return parser
-
 
 def _add_comparison_commands(sub) -> None:
     """``demo`` and ``compare``: methods over seeds."""
@@ -543,7 +555,8 @@ def _add_comparison_commands(sub) -> None:
     p.add_argument("--split", help="split that scores the runs (default: test)")
     p.add_argument("--out", help="folder of the <label>_seed<k>/ runs (default: runs/compare/<config name>)")
     p.add_argument("--summarize", metavar="DIR",
-                   help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run folders")
+                   help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run "
+                        "folders")
     p.set_defaults(func=_cmd_compare)
 
 

@@ -71,7 +71,8 @@ class Entry:
 
 
 def parse_variant(text: str) -> Entry:
-    """``"LABEL: key=value key=value"`` -> :class:`Entry` (e.g. ``"scl_student: method.name=scl eval.use_teacher=false"``)."""
+    """``"LABEL: key=value key=value"`` -> :class:`Entry`
+    (e.g. ``"scl_student: method.name=scl eval.use_teacher=false"``)."""
     label, sep, rest = text.partition(":")
     label, overrides = label.strip(), tuple(rest.split())
     if not sep or not _LABEL.fullmatch(label) or not overrides or any("=" not in o for o in overrides):
@@ -101,8 +102,57 @@ def _figure(models: dict, dataset, path: Path, count: int = 6) -> None:
     rows = []
     for i, sample in enumerate(samples):
         rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        rows.append([rgb] + [colorize(preds[m][i], palette) for m in models] + [colorize(sample["mask"].numpy(), palette)])
+        rows.append([rgb] + [colorize(preds[m][i], palette) for m in models] + [colorize(sample["mask"].numpy(),
+                                                                                         palette)])
     comparison_grid(rows, ["image", *models, "ground truth"], path)
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where one compared run trains: its folder, the shared warm-up's snapshot folder, the warm-up
+    step it resumes from (0: a fresh run) and the one it saves a snapshot at (0: none)."""
+
+    folder: Path
+    snapshot: Path
+    resume_at: int
+    snapshot_at: int
+
+
+def _warm_up_groups(entries: Sequence[Entry], configs: dict, seed: int) -> list[list[Entry]]:
+    """Entries that share their supervised warm-up: equal but for ``method.name``, and with the same
+    EMA rule (the teacher's rule shapes the warm-up's teacher)."""
+    groups: dict[tuple, list[Entry]] = {}
+    for entry in entries:
+        m = configs[entry.label][seed].method
+        groups.setdefault((entry.warm_up_group(), method_class(m.name).uses_ema_warmup(m)), []).append(entry)
+    return list(groups.values())
+
+
+def _train_and_score(cfg: Config, data: DataBundle, run: _Run, split: str) -> tuple[dict, torch.nn.Module]:
+    """Train one compared run (from the shared warm-up's snapshot, or saving it) and score it on
+    ``split``; its result record and the scored network (on the CPU, in eval mode)."""
+    started = time.perf_counter()
+    (run.folder / f"eval_{split}.json").unlink(missing_ok=True)  # an earlier comparison's score
+    if run.resume_at:
+        shutil.rmtree(run.folder, ignore_errors=True)  # an earlier comparison's run
+        shutil.copytree(run.snapshot, run.folder)
+        (run.folder / "config.yaml").unlink()  # the resumed run writes its own
+    trainer = Trainer(cfg, run.folder, data=data, resume=bool(run.resume_at))
+    if run.snapshot_at:
+        trainer.run(until=run.snapshot_at)
+        shutil.copytree(run.folder, run.snapshot)
+    final = trainer.run()
+    model = trainer.mean_teacher.teacher if cfg.eval.use_teacher else trainer.student
+    result = evaluate_model(model, data.eval_splits[split], cfg.eval, device=trainer.device)
+    result |= {
+        "split": split, "method": cfg.method.name,
+        "weights": "teacher (EMA)" if cfg.eval.use_teacher else "student",
+        "iteration": final["iteration"], "shared_warm_up": run.resume_at,
+        "labeled_images": len(data.labeled),
+        "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
+        "seconds": time.perf_counter() - started,
+    }
+    return result, model.cpu().eval()
 
 
 def run_comparison(
@@ -127,7 +177,8 @@ def run_comparison(
         raise ConfigError(f"compare needs distinct labels, got {labels}")
     out.mkdir(parents=True, exist_ok=True)
     config_path = resolve_config_path(config)
-    configs = {e.label: {seed: load_config(config_path, [*overrides, *e.overrides, f"train.seed={seed}"]) for seed in seeds}
+    configs = {e.label: {seed: load_config(config_path, [*overrides, *e.overrides,
+                                                         f"train.seed={seed}"]) for seed in seeds}
                for e in entries}
     datasets: dict[str, DataBundle] = {}  # one build per distinct data section: equal scenes for every run
 
@@ -140,54 +191,32 @@ def run_comparison(
             raise ConfigError(f"--split {split}: not available; the data has {sorted(bundle.eval_splits)}")
         return bundle
 
-    groups: dict[tuple, list[Entry]] = {}
-    for entry in entries:  # the teacher's EMA rule shapes the warm-up's teacher: only equal rules share it
-        m = configs[entry.label][seeds[0]].method
-        groups.setdefault((entry.warm_up_group(), method_class(m.name).uses_ema_warmup(m)), []).append(entry)
     last_models, last_test = {}, None
     for seed in seeds:
-        for group in groups.values():
+        for group in _warm_up_groups(entries, configs, seeds[0]):
             first = configs[group[0].label][seed]
             shared = len(group) > 1 and 0 < first.method.unlabeled_start < first.train.iterations
             warm_up = first.method.unlabeled_start if shared else 0
             snapshot = out / f".warmup_{group[0].label}_seed{seed}"  # the run folder at the end of the warm-up
             shutil.rmtree(snapshot, ignore_errors=True)
             for index, entry in enumerate(group):
-                started = time.perf_counter()
                 cfg = configs[entry.label][seed]
                 data = data_for(cfg)
-                run_dir = out / f"{entry.label}_seed{seed}"
-                (run_dir / f"eval_{split}.json").unlink(missing_ok=True)  # an earlier comparison's score
-                from_warm_up = index > 0 and warm_up > 0
-                if from_warm_up:
-                    shutil.rmtree(run_dir, ignore_errors=True)  # an earlier comparison's run
-                    shutil.copytree(snapshot, run_dir)
-                    (run_dir / "config.yaml").unlink()  # the resumed run writes its own
-                trainer = Trainer(cfg, run_dir, data=data, resume=from_warm_up)
-                if index == 0 and warm_up > 0:
-                    trainer.run(until=warm_up)
-                    shutil.copytree(run_dir, snapshot)
-                final = trainer.run()
-                model = trainer.mean_teacher.teacher if cfg.eval.use_teacher else trainer.student
-                result = evaluate_model(model, data.eval_splits[split], cfg.eval, device=trainer.device)
-                result |= {
-                    "split": split, "label": entry.label, "seed": seed, "method": cfg.method.name,
-                    "config": str(config), "overrides": [*overrides, *entry.overrides],
-                    "weights": "teacher (EMA)" if cfg.eval.use_teacher else "student",
-                    "iteration": final["iteration"], "shared_warm_up": warm_up if from_warm_up else 0,
-                    "labeled_images": len(data.labeled),
-                    "unlabeled_images": len(data.unlabeled) if data.unlabeled is not None else 0,
-                    "seconds": time.perf_counter() - started,
-                }
-                _write_json(run_dir / f"eval_{split}.json", result)
-                last_models[entry.label] = model.cpu().eval()
+                run = _Run(out / f"{entry.label}_seed{seed}", snapshot, warm_up if index > 0 else 0,
+                           warm_up if index == 0 else 0)
+                result, model = _train_and_score(cfg, data, run, split)
+                result |= {"label": entry.label, "seed": seed, "config": str(config),
+                           "overrides": [*overrides, *entry.overrides]}
+                _write_json(run.folder / f"eval_{split}.json", result)
+                last_models[entry.label] = model
                 last_test = data.eval_splits[split]
             shutil.rmtree(snapshot, ignore_errors=True)
     summary = summarize_runs(out, split=split)
     _figure(last_models, last_test, out / "comparison.png")
     paths = [*write_summary(out, summary), out / "comparison.png"]
     print(f"\n{config}: {summary['labeled_images']} labeled + {summary['unlabeled_images']} unlabeled images, "
-          f"{summary['iterations']} iterations, seeds {summary['seeds']}, {summary['seconds']:.0f} s of training and scoring")
+          f"{summary['iterations']} iterations, seeds {summary['seeds']}, {summary['seconds']:.0f} s of training and "
+          "scoring")
     print(markdown_summary(summary))
     print("\n" + "\n".join(f"wrote {p}" for p in paths))
     return summary
@@ -196,7 +225,8 @@ def run_comparison(
 def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
              methods: Sequence[str] = DEMO_METHODS) -> dict:
     """supervised vs cl vs scl on the embedded digit scenes, scored on the test scenes."""
-    return run_comparison(DEMO_CONFIG, out, entries=[Entry.method(m) for m in methods], seeds=seeds, overrides=overrides)
+    return run_comparison(DEMO_CONFIG, out, entries=[Entry.method(m) for m in methods], seeds=seeds,
+                          overrides=overrides)
 
 
 def _eval_curve(metrics: Path) -> tuple[dict[int, float], set[str]]:
@@ -244,8 +274,8 @@ def summarize_runs(out: Path, *, split: Optional[str] = None) -> dict:
     ``boundary_miou`` when every run reports it; ``learning_curves`` the eval-split mIoU
     against step per entry (mean, min, max over the seeds that evaluated at that step).
     """
-    folders = sorted(p for p in Path(out).iterdir()
-                     if p.is_dir() and not p.name.startswith(".") and _RUN_DIR.fullmatch(p.name)) if Path(out).is_dir() else []
+    listed = Path(out).iterdir() if Path(out).is_dir() else []
+    folders = sorted(p for p in listed if p.is_dir() and not p.name.startswith(".") and _RUN_DIR.fullmatch(p.name))
     if split is None:
         splits = sorted({f.name[5:-5] for p in folders for f in p.glob("eval_*.json")})
         if len(splits) != 1:
@@ -287,7 +317,8 @@ def summarize_runs(out: Path, *, split: Optional[str] = None) -> dict:
         steps = sorted(set().union(*curves))
         values = [[c[s] for c in curves if s in c] for s in steps]
         methods[label] = {"step": steps, "mean": [statistics.fmean(v) for v in values],
-                          "min": [min(v) for v in values], "max": [max(v) for v in values], "n": [len(v) for v in values]}
+                          "min": [min(v) for v in values], "max": [max(v) for v in values],
+                          "n": [len(v) for v in values]}
     summary["learning_curves"] = {"split": "/".join(sorted(curve_splits)), "methods": methods}
     return summary
 
@@ -320,7 +351,8 @@ def markdown_summary(summary: dict) -> str:
              f"{say('images')} images, seeds {seeds}.", "",
              *_tables(summary, seeds, f"{split} mIoU")]
     if "boundary" in summary:
-        lines += ["", f"Boundary band: mIoU of the pixels within {summary['boundary']['width']} pixels of a label edge.", "",
+        lines += ["", f"Boundary band: mIoU of the pixels within {summary['boundary']['width']} pixels of a label "
+                      "edge.", "",
                   *_tables(summary["boundary"], seeds, f"{split} boundary mIoU")]
     lines += ["", "95% CI: Student t over seeds, mean ± t(0.975, n − 1) · std / √n; a paired difference is "
               "later − earlier per seed, and an interval that contains 0 means the difference is inside "

@@ -105,7 +105,8 @@ def _accuracy(model: nn.Module, images: Tensor, classes: Tensor) -> float:
     return hits / len(images)
 
 
-def pretrain_encoder(settings: PretrainSettings, *, log: Optional[Callable[[str], None]] = print) -> tuple[dict[str, Tensor], dict]:
+def pretrain_encoder(settings: PretrainSettings, *,
+                     log: Optional[Callable[[str], None]] = print) -> tuple[dict[str, Tensor], dict]:
     """Train :class:`DigitClassifier` on train-pool crops; return the encoder's state_dict and a report.
 
     SGD with momentum and a poly (power 1) learning rate; each step draws ``batch_size`` of the

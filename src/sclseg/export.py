@@ -24,7 +24,8 @@ from sclseg.config import Config, ConfigError, config_from_dict
 from sclseg.engine.checkpoint import WEIGHTS_FORMAT, load_checkpoint, save_atomic
 from sclseg.models import create_model
 
-__all__ = ["DEFAULT_OPSET", "EXAMPLE_SIDE", "OnnxNetwork", "build_model_from_checkpoint", "export_onnx", "export_weights",
+__all__ = ["DEFAULT_OPSET", "EXAMPLE_SIDE", "OnnxNetwork", "build_model_from_checkpoint", "export_onnx",
+           "export_weights",
            "load_onnx"]
 
 
@@ -97,7 +98,8 @@ def _need(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError:
-        raise ConfigError(f"ONNX files need the onnx extra ({module} is not installed): pip install 'sclseg[onnx]'") from None
+        raise ConfigError(f"ONNX files need the onnx extra ({module} is not installed): "
+                          "pip install 'sclseg[onnx]'") from None
 
 
 def export_onnx(checkpoint: Union[str, Path], out: Union[str, Path], *, use_teacher: bool = True,
@@ -162,6 +164,7 @@ def load_onnx(path: Union[str, Path]) -> tuple[OnnxNetwork, Config, dict]:
         raise ConfigError(f"--checkpoint: {path} is not a readable ONNX file ({str(exc).splitlines()[0]})") from None
     text = session.get_modelmeta().custom_metadata_map.get(_META_KEY)
     if text is None:
-        raise ConfigError(f"--checkpoint: {path} has no sclseg metadata (expected a file of `sclseg export CKPT OUT.onnx`)")
+        raise ConfigError(f"--checkpoint: {path} has no sclseg metadata (expected a file of `sclseg export CKPT "
+                          "OUT.onnx`)")
     meta = json.loads(text)
     return OnnxNetwork(session), config_from_dict(meta["config"]), meta

@@ -62,4 +62,5 @@ def safe_load(path: Union[str, Path], map_location: Any = "cpu") -> Any:
             ) from exc
         detail = next((line.strip() for line in text.splitlines()[1:] if line.strip() and "error:" not in line
                        and "documentation" not in line), type(exc).__name__)
-        raise UnsafeFileError(f"{path}: not a readable PyTorch file ({detail}; truncated or of another format?)") from exc
+        raise UnsafeFileError(f"{path}: not a readable PyTorch file ({detail}; truncated or of another "
+                              "format?)") from exc

@@ -103,7 +103,8 @@ def learning_curves(
     figure.savefig(path)
 
 
-def write_index_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Path], palette: Optional[np.ndarray] = None) -> Path:
+def write_index_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Path],
+                    palette: Optional[np.ndarray] = None) -> Path:
     """Save ``(H, W)`` class indices (0..255) as a single-channel PNG, with a palette when given."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
@@ -113,7 +114,8 @@ def write_index_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Pa
     return save_png(labels.astype(np.uint8), path, palette=palette)
 
 
-def write_color_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Path], classes: Sequence[ClassInfo], ignore_index: int = 255) -> Path:
+def write_color_png(labels: Union[np.ndarray, torch.Tensor], path: Union[str, Path], classes: Sequence[ClassInfo],
+                    ignore_index: int = 255) -> Path:
     """Save ``(H, W)`` class indices as an RGB colour image (class colours, black for ignore/other)."""
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()

@@ -41,7 +41,8 @@ def training_view(cfg: Config, dataset: SegmentationDataset, *, class_uniform: b
         cache_dir = Path(cu.cache_dir).expanduser() if cu.cache_dir else Path(d.root).expanduser() / ".sclseg_cache"
         centroids = class_centroids(dataset, tile_size=cu.tile_size, cache_dir=cache_dir, num_workers=d.num_workers)
     try:
-        return TrainingView(dataset, crop_size=d.crop_size, scale_range=d.scale_range, hflip=d.hflip, centroids=centroids,
+        return TrainingView(dataset, crop_size=d.crop_size, scale_range=d.scale_range, hflip=d.hflip,
+                            centroids=centroids,
                             fraction=cu.fraction if use_cu else 0.0)
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from None

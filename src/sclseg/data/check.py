@@ -79,7 +79,8 @@ class _Item:
     ignore_value: int  # the raw mask value of unlabelled pixels (index masks)
 
     def key(self) -> str:
-        return json.dumps([self.split, str(self.image.absolute()), None if self.mask is None else str(self.mask.absolute()),
+        return json.dumps([self.split, str(self.image.absolute()),
+                           None if self.mask is None else str(self.mask.absolute()),
                            self.mask_format, self.num_classes, self.ignore_value])
 
     def signature(self) -> list[Optional[int]]:
@@ -261,7 +262,8 @@ def _class_histogram(item: _Item, mask: _MaskValues) -> tuple[Optional[np.ndarra
     bad = values[((values < 0) | (values >= n)) & (values != ignore)]
     if bad.size:
         what = "train-id" if item.mask_format == "trainIds" else "mask"
-        return None, [Problem(str(item.mask), f"{what} values {_shown(bad)} are neither class indices nor the ignore value",
+        return None, [Problem(str(item.mask), f"{what} values {_shown(bad)} are neither class indices nor the ignore "
+                                              "value",
                               f"class indices 0..{n - 1} ({n} classes) or the ignore value {ignore}", item.split)]
     np.add.at(hist, np.where(values == ignore, n, values).astype(np.int64), counts)
     return hist, []
@@ -486,7 +488,8 @@ def _save_cache(path: Optional[Path], entries: dict[str, Any]) -> None:
 # the check
 
 
-def _coverage(cfg: Config, class_names: list[str], hist: np.ndarray, n_masks: int) -> tuple[list[Problem], list[Problem]]:
+def _coverage(cfg: Config, class_names: list[str], hist: np.ndarray, n_masks: int) -> tuple[list[Problem],
+                                                                                            list[Problem]]:
     """Classes no labeled mask contains: a problem while ignored pixels cover a large share (the
     0/255 trap of folder data), else a warning."""
     total = int(hist.sum())
@@ -506,7 +509,7 @@ def _coverage(cfg: Config, class_names: list[str], hist: np.ndarray, n_masks: in
                 f"'{name}' pixels to carry the value {c}: binary 0/{ignore} masks mark the objects with the ignore "
                 f"value, so '{name}' is never trained; change the mask values ({ignore} -> {c}, e.g. "
                 f"np.where(mask == {ignore}, {c}, mask)), or set data.folder.ignore_value to the value your masks "
-                f"really use for unlabelled pixels"), _LABELED))
+                "really use for unlabelled pixels"), _LABELED))
         else:
             warnings.append(Problem(where, what, "labeled pixels of every class (a class without any is never trained)",
                                     _LABELED))
@@ -523,6 +526,24 @@ def _class_names(cfg: Config) -> list[str]:
     from sclseg.data.digits import DIGIT_CLASSES
 
     return [c.name for c in DIGIT_CLASSES]
+
+
+def _item_results(items: list, signatures: list, cached: dict, workers: int) -> dict[int, _Result]:
+    """Each file's result by index: from the cache where its signature is unchanged, else decoded
+    now on ``workers`` threads."""
+    results: dict[int, _Result] = {}
+    todo: list[int] = []
+    for i, item in enumerate(items):
+        entry = cached.get(item.key())
+        if entry is not None and entry["sig"] == signatures[i]:
+            results[i] = _Result([Problem(**p) for p in entry["problems"]], entry["hist"])
+        else:
+            todo.append(i)
+    if todo:
+        with ThreadPoolExecutor(workers) as pool:
+            for i, result in zip(todo, pool.map(_check_item, [items[i] for i in todo])):
+                results[i] = result
+    return results
 
 
 def check_data(cfg: Config, *, workers: Optional[int] = None, cache: bool = True,
@@ -542,19 +563,8 @@ def check_data(cfg: Config, *, workers: Optional[int] = None, cache: bool = True
     cache_path = check_cache_path(cfg) if cache else None
     cached = _load_cache(cache_path)
 
-    results: dict[int, _Result] = {}
-    todo: list[int] = []
     signatures = [item.signature() for item in plan.items]
-    for i, item in enumerate(plan.items):
-        entry = cached.get(item.key())
-        if entry is not None and entry["sig"] == signatures[i]:
-            results[i] = _Result([Problem(**p) for p in entry["problems"]], entry["hist"])
-        else:
-            todo.append(i)
-    if todo:
-        with ThreadPoolExecutor(n_workers) as pool:
-            for i, result in zip(todo, pool.map(_check_item, [plan.items[i] for i in todo])):
-                results[i] = result
+    results = _item_results(plan.items, signatures, cached, n_workers)
 
     problems = list(plan.layout)
     class_names = _class_names(cfg)

@@ -157,7 +157,8 @@ def scan_split(root: PathLike, split: str, *, with_labels: bool = True) -> list[
     folder = root / "leftImg8bit" / split
     if not folder.is_dir():
         hint = " (leftImg8bit_trainextra.zip)" if split == "train_extra" else " (leftImg8bit_trainvaltest.zip)"
-        raise FileNotFoundError(f"{folder} not found: expected the Cityscapes layout leftImg8bit/{split}/CITY/*{_IMAGE_SUFFIX}{hint}")
+        raise FileNotFoundError(f"{folder} not found: expected the Cityscapes layout "
+                                f"leftImg8bit/{split}/CITY/*{_IMAGE_SUFFIX}{hint}")
     images = sorted(folder.glob(f"*/*{_IMAGE_SUFFIX}"))
     if not images:
         raise ValueError(f"{folder}: no images (expected CITY/*{_IMAGE_SUFFIX}); the split would be empty")
@@ -200,7 +201,8 @@ def _resolve_image(root: Path, token: str, source: str) -> Path:
     raise FileNotFoundError(f"{source}: image {token!r} not found (looked for {', '.join(str(c) for c in candidates)})")
 
 
-def items_from_split_entries(root: PathLike, entries: Sequence[SplitEntry], *, labeled: bool, source: str) -> list[CityscapesItem]:
+def items_from_split_entries(root: PathLike, entries: Sequence[SplitEntry], *, labeled: bool,
+                             source: str) -> list[CityscapesItem]:
     """Resolve split-file lines (paths relative to ``root``, or image ids) to items.
 
     Labeled: the listed label (``*_labelTrainIds.png`` may fall back to its ``*_labelIds.png``
@@ -272,7 +274,8 @@ class CityscapesDataset(SegmentationDataset):
         if item.label.name.endswith(_TRAIN_ID_SUFFIX):
             bad = (raw >= NUM_CLASSES) & (raw != IGNORE)
             if bad.any():
-                raise ValueError(f"{item.label}: train-id label with values {sorted(set(np.unique(raw[bad]).tolist()))[:10]}; "
+                raise ValueError(f"{item.label}: train-id label with values "
+                                 f"{sorted(set(np.unique(raw[bad]).tolist()))[:10]}; "
                                  f"expected 0..{NUM_CLASSES - 1} or {IGNORE}")
             return raw.astype(np.uint8)
         return label_ids_to_train_ids(raw)
@@ -319,7 +322,8 @@ def build_cityscapes(cfg: Config, *, for_training: bool = True):
     elif cs.labeled_fraction is not None or cs.labeled_count is not None:
         pool = fine_pool(False)
         try:
-            lab_idx, rest_idx = fraction_split(len(pool), fraction=cs.labeled_fraction, count=cs.labeled_count, seed=cs.split_seed)
+            lab_idx, rest_idx = fraction_split(len(pool), fraction=cs.labeled_fraction, count=cs.labeled_count,
+                                               seed=cs.split_seed)
         except ValueError as exc:
             raise ConfigError(f"data.cityscapes: {exc}") from None
         labeled_items = [with_fine_label(root, pool[i]) for i in lab_idx]

@@ -98,7 +98,8 @@ def tile_centroids(label: np.ndarray, num_classes: int, tile_size: int) -> np.nd
     return np.stack(rows) if rows else np.zeros((0, 3), dtype=np.int64)
 
 
-def centroid_cache_key(label_files: Sequence[Union[str, Path]], root: Optional[Path], num_classes: int, tile_size: int) -> str:
+def centroid_cache_key(label_files: Sequence[Union[str, Path]], root: Optional[Path], num_classes: int,
+                       tile_size: int) -> str:
     """A hash of the file list (paths relative to ``root``, file sizes) and the parameters."""
     h = hashlib.sha1()
     h.update(json.dumps({"v": _CACHE_VERSION, "classes": num_classes, "tile": tile_size}).encode())
@@ -221,8 +222,8 @@ def scale_crop(
     cropping, but only the ``crop / scale`` window is resampled.
 
     ``center=(y, x)`` (source pixel) lies at a random position inside the window; ``None``: the
-    window is placed at random (torch RNG). Outside the image: 0 for the image, ``ignore_index`` for the mask. Images resample
-    bilinearly with antialiasing, masks with exact nearest neighbour. A uint8 image comes back
+    window is placed at random (torch RNG). Outside the image: 0 for the image, ``ignore_index`` for
+    the mask. Images resample bilinearly with antialiasing, masks with exact nearest neighbour. A uint8 image comes back
     as float in ``[0, 1]`` (only the window is converted).
     """
     ch, cw = int(crop_size[0]), int(crop_size[1])

@@ -121,7 +121,8 @@ def _luminance(colour: np.ndarray) -> float:
 
 
 def render_scene(
-    rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray, size: int, n_range: tuple[int, int], scales: tuple[int, int]
+    rng: np.random.Generator, ink: np.ndarray, labels: np.ndarray, size: int, n_range: tuple[int, int],
+    scales: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray]:
     """One scene: ``n_range`` digits drawn from ``ink``/``labels`` (a pool), upscaled ``scales``
     times, placed with little overlap, each in a colour that stands out from the background under
@@ -178,8 +179,12 @@ def make_digit_scenes(
         rendered = [
             render_scene(rng, ink, labels, image_size, (min_digits, max_digits), digit_scale) for _ in range(count)
         ]
-        images[split] = torch.from_numpy(np.stack([r[0] for r in rendered])) if rendered else torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
-        masks[split] = torch.from_numpy(np.stack([r[1] for r in rendered])) if rendered else torch.zeros(0, image_size, image_size, dtype=torch.uint8)
+        if rendered:
+            images[split] = torch.from_numpy(np.stack([r[0] for r in rendered]))
+            masks[split] = torch.from_numpy(np.stack([r[1] for r in rendered]))
+        else:
+            images[split] = torch.zeros(0, 3, image_size, image_size, dtype=torch.uint8)
+            masks[split] = torch.zeros(0, image_size, image_size, dtype=torch.uint8)
     return DigitScenesSplits(images, masks)
 
 

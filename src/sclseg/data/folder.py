@@ -257,7 +257,8 @@ def build_folder(cfg: Config, *, for_training: bool = True):
     pairs = _pairs(root / "images", root / "masks")
     eval_splits: dict[str, SegmentationDataset] = {}
     if (root / "val").exists():
-        eval_splits["val"] = FolderDataset(_pairs(root / "val" / "images", root / "val" / "masks"), classes, split="val", **common)
+        eval_splits["val"] = FolderDataset(_pairs(root / "val" / "images", root / "val" / "masks"), classes,
+                                           split="val", **common)
     elif f.val_fraction > 0:
         if len(pairs) < 2:
             raise ValueError(f"{root / 'images'}: {len(pairs)} image(s) cannot be split into train and val; "
@@ -270,7 +271,8 @@ def build_folder(cfg: Config, *, for_training: bool = True):
               "(data.folder.val_fraction)", file=sys.stderr)
         pairs = [pairs[i] for i in train_idx]
     if (root / "test").exists():
-        eval_splits["test"] = FolderDataset(_pairs(root / "test" / "images", root / "test" / "masks"), classes, split="test", **common)
+        eval_splits["test"] = FolderDataset(_pairs(root / "test" / "images", root / "test" / "masks"), classes,
+                                            split="test", **common)
     if for_training and not eval_splits:
         print(f"folder data: {root} has no evaluation split (no val/ or test/, data.folder.val_fraction 0): the run "
               "trains without evaluation and writes no best.pt", file=sys.stderr)
@@ -289,11 +291,13 @@ def build_folder(cfg: Config, *, for_training: bool = True):
     if unlabeled_dir.exists():
         extra = list_images(unlabeled_dir)
         if not extra:
-            raise ValueError(f"{unlabeled_dir}: no images ({', '.join(IMAGE_SUFFIXES)}); remove the folder or add images")
+            raise ValueError(f"{unlabeled_dir}: no images ({', '.join(IMAGE_SUFFIXES)}); remove the folder or add "
+                             "images")
         unlabeled_items += [(p, None) for p in extra]
 
     labeled = FolderDataset(pairs, classes, split="train", **common)
-    unlabeled = FolderDataset(unlabeled_items, classes, labeled=False, split="unlabeled", **common) if unlabeled_items else None
+    unlabeled = FolderDataset(unlabeled_items, classes, labeled=False, split="unlabeled",
+                              **common) if unlabeled_items else None
     return DataBundle(
         labeled=training_view(cfg, labeled, class_uniform=for_training),
         unlabeled=training_view(cfg, unlabeled) if unlabeled is not None else None,

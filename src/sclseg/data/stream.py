@@ -256,7 +256,8 @@ class StepBatches:
         next_batches: one step's micro-batches from a stream, on the training device.
     """
 
-    def __init__(self, open_stream: Callable[[Role, int], Stream], next_batches: Callable[[Stream], list[dict]]) -> None:
+    def __init__(self, open_stream: Callable[[Role, int], Stream], next_batches: Callable[[Stream],
+                                                                                          list[dict]]) -> None:
         self._open, self._next = open_stream, next_batches
         self.streams: dict[Role, Stream] = {}
 

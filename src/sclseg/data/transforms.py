@@ -87,7 +87,8 @@ def _rgb_to_hsv(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     chroma = value - images.amin(dim=1)
     flat = chroma == 0
     safe = torch.where(flat, torch.ones_like(chroma), chroma)
-    sector = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    sector = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, (b - r) / safe + 2.0,
+                                                                  (r - g) / safe + 4.0))
     hue = torch.where(flat, torch.zeros_like(sector), sector).div_(6.0).remainder_(1.0)
     saturation = chroma / torch.where(value == 0, torch.ones_like(value), value)
     return hue, saturation, value

@@ -119,7 +119,8 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", *, kind: 
     ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") not in (CHECKPOINT_FORMAT, WEIGHTS_FORMAT):
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path}: not an sclseg checkpoint (format {found!r}); expected {CHECKPOINT_FORMAT!r} or {WEIGHTS_FORMAT!r}")
+        raise ValueError(f"{path}: not an sclseg checkpoint (format {found!r}); expected {CHECKPOINT_FORMAT!r} or "
+                         f"{WEIGHTS_FORMAT!r}")
     if kind == "checkpoint" and ckpt["format"] != CHECKPOINT_FORMAT:
         raise ValueError(
             f"{path}: exported weights ({ckpt['format']}) hold no optimizer or RNG state and cannot be resumed; "
@@ -385,4 +386,5 @@ class Checkpointer:
         now = _flatten(config_to_dict(self.cfg))
         changed = {k: (v, now.get(k)) for k, v in _flatten(ckpt.get("config", {})).items() if now.get(k) != v}
         if changed:
-            self.log("resuming with changed settings: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+            listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            self.log(f"resuming with changed settings: {listed}")

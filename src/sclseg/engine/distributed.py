@@ -174,8 +174,10 @@ def convert_sync_batchnorm(module: nn.Module, device: Optional[torch.device] = N
     if device is not None and device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     out = module
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (CpuSyncBatchNorm, nn.SyncBatchNorm)):
-        out = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, (CpuSyncBatchNorm,
+                                                                                       nn.SyncBatchNorm)):
+        out = CpuSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
         if module.affine:
             with torch.no_grad():
                 out.weight = module.weight

@@ -296,7 +296,8 @@ def score_prediction_dir(
         pred = np.where((pred >= 0) & (pred < num_classes), pred, num_classes)
         target = _ground_truth(dataset, i).long()
         if tuple(target.shape) != pred.shape:
-            raise ValueError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} (WxH) but the label of '{name}' is "
+            raise ValueError(f"{path}: prediction is {pred.shape[1]}x{pred.shape[0]} (WxH) but the label of '{name}' "
+                             "is "
                              f"{target.shape[1]}x{target.shape[0]}; predictions must be at the label's full resolution")
         bad = (target != dataset.ignore_index) & ((target < 0) | (target >= num_classes))
         if bool(bad.any()):

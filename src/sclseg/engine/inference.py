@@ -153,7 +153,8 @@ def predict_probs(
     runs = 0
     for scale in scales:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        scaled = images if size == (height, width) else F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        scaled = images if size == (height, width) else F.interpolate(images, size=size, mode="bilinear",
+                                                                      align_corners=False)
         for flipped in (False, True) if flip else (False,):
             inp = scaled.flip(-1) if flipped else scaled
             probs = _windows(model, inp, protocol, tile, overlap)

@@ -207,7 +207,8 @@ class Trainer:
         except (RuntimeError, ValueError) as exc:  # a bad mask, an eval setting, out of memory, ...
             if self.checkpointer.saved_at != self.state.iteration:
                 self.save(watch)
-            raise EvaluationFailed(step=self.state.iteration, checkpoint=self.out_dir / f"step_{self.state.iteration}.pt",
+            raise EvaluationFailed(step=self.state.iteration,
+                                   checkpoint=self.out_dir / f"step_{self.state.iteration}.pt",
                                    cause=exc) from exc
         if self.evaluator.improves(record):
             self.state.best = self.evaluator.best

@@ -103,7 +103,8 @@ def checkpointed_units(model: nn.Module, mode: CheckpointMode) -> list[nn.Module
             if child is not encoder and not _is_layer(child) and _has_parameters(child)
         )
     if not units:
-        raise ValueError(f"train.activation_checkpointing={mode}: found no block to checkpoint in {type(model).__name__}")
+        raise ValueError(f"train.activation_checkpointing={mode}: found no block to checkpoint in "
+                         f"{type(model).__name__}")
     return units
 
 

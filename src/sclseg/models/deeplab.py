@@ -47,7 +47,8 @@ class ASPP(nn.Module):
     def __init__(self, cin: int, cout: int, rates: Sequence[int], dropout: float = 0.1) -> None:
         super().__init__()
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn_relu(cin, cout, 1))
-        self.branches = nn.ModuleList([conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3, dilation=r) for r in rates])
+        self.branches = nn.ModuleList([conv_bn_relu(cin, cout, 1)] + [conv_bn_relu(cin, cout, 3,
+                                                                                   dilation=r) for r in rates])
         self.project = nn.Sequential(conv_bn_relu(cout * (len(rates) + 2), cout, 1), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -78,7 +78,8 @@ class DINOv2Encoder(nn.Module):
             raise ValueError(f"DINOv2 size '{size}' is unknown; available: {', '.join(DINOV2_SIZES)}")
         arch, dim, depth, layers = DINOV2_SIZES[size]
         # init_values=1.0: Meta's LayerScale initialisation (the values come from the weights file)
-        vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=PATCH_SIZE * PRETRAIN_GRID, init_values=1.0)
+        vit = timm.create_model(arch, pretrained=False, num_classes=0, img_size=PATCH_SIZE * PRETRAIN_GRID,
+                                init_values=1.0)
         self.cls_token = vit.cls_token
         self.pos_embed = vit.pos_embed
         self.mask_token = nn.Parameter(torch.zeros(1, dim), requires_grad=False)

@@ -316,7 +316,8 @@ def _raise_mismatch(
 
 #: A standalone encoder reads files of the whole sclseg model too: their ``encoder.`` prefix is removed.
 _STANDALONE = WeightLayout(
-    rename=lambda key: key[len("encoder.") :] if key.startswith("encoder.") else key, encoder_keys=("",), encoder_prefix=""
+    rename=lambda key: key[len("encoder.") :] if key.startswith("encoder.") else key, encoder_keys=("",
+                                                                                                    ), encoder_prefix=""
 )
 
 
