@@ -324,3 +324,18 @@ def test_two_nodes_stop_together_on_a_sigterm_to_one_agent_and_resume_auto_finis
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if r["kind"] == "train"] == list(range(1, total + 1))
     assert json.loads((out / "final.json").read_text())["iteration"] == total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["unimatch_v1_scl", "unimatch_v2_scl"])
+def test_the_weak_to_strong_methods_train_under_torchrun(tmp_path, method) -> None:
+    """Several student passes per step (eval mode, feature perturbation, two strong views) under DDP:
+    both ranks finish with one set of weights."""
+    out = tmp_path / method
+    result = _torchrun(tmp_path, "train", "digits/default", "--out", str(out), *TINY, "data.batch_size=2",
+                       "data.unlabeled_batch_size=4", f"method.name={method}", "train.iterations=2",
+                       "train.log_interval=1", "train.eval_interval=2", "train.checkpoint_interval=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    assert final["world_size"] == 2 and final["iteration"] == 2 and final["method"] == method
+    assert "loss_sc" in json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
