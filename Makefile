@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/sclseg demo --out runs/demo
+	$(BIN)/sclseg demo --out runs/demo --jobs 2
 
 # Rebuild the digits default's pre-trained encoder (about 2 minutes on one core).
 digits-encoder: $(STAMP)

@@ -157,3 +157,19 @@ def test_compare_usage_errors(tmp_path, capsys) -> None:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_runs_on_worker_processes_write_the_same_weights_as_runs_one_after_the_other(tmp_path) -> None:
+    """``--jobs 2``: warm-ups first, then every run resumes from its group's snapshot in a worker
+    process; an exact resume, so every run's final weights equal the sequential comparison's."""
+    args = ["compare", "digits/default", "--methods", "supervised", "scl", "fixmatch", "--seeds", "0", "1", *TINY,
+            "train.iterations=6", "method.unlabeled_start=2", "train.eval_interval=6", "train.checkpoint_interval=6"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "two"), "--jobs", "2"]) == 0
+    for run in sorted((tmp_path / "one").glob("*_seed*")):
+        one, two = load_checkpoint(run / "step_6.pt"), load_checkpoint(tmp_path / "two" / run.name / "step_6.pt")
+        for role in ("student", "teacher"):
+            assert all(torch.equal(one[role][k], two[role][k]) for k in one[role]), (run.name, role)
+    assert not list((tmp_path / "two").glob(".warmup_*"))  # the snapshots are gone
+    assert main([*args, "--out", str(tmp_path / "bad"), "--jobs", "0"]) == 2

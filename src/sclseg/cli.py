@@ -401,7 +401,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from sclseg.demo import run_demo
 
     methods, seeds = _comparison_args(args)
-    run_demo(Path(args.out), seeds=seeds, overrides=args.overrides, methods=methods)
+    run_demo(Path(args.out), seeds=seeds, overrides=args.overrides, methods=methods, jobs=args.jobs)
     return 0
 
 
@@ -424,7 +424,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods, seeds = _comparison_args(args)
     entries = [Entry.method(m) for m in methods] + [parse_variant(v) for v in args.variant]
     out = Path(args.out) if args.out else Path("runs") / "compare" / Path(args.config).stem
-    run_comparison(args.config, out, entries=entries, seeds=seeds, split=args.split or "test", overrides=args.overrides)
+    run_comparison(args.config, out, entries=entries, seeds=seeds, split=args.split or "test",
+                   overrides=args.overrides, jobs=args.jobs)
     return 0
 
 
@@ -538,10 +539,12 @@ def _add_comparison_commands(sub) -> None:
     """``demo`` and ``compare``: methods over seeds."""
     methods_help = "methods to compare (default: supervised cl scl; any method.name, e.g. fixmatch fixmatch_scl)"
     seeds_help = "train seeds; each method runs once per seed, paired by seed (default: 0)"
+    jobs_help = "runs trained at once, in worker processes (default: 1); the results do not depend on it"
     p = _command(sub, "demo", "supervised vs cl vs scl on the embedded digit scenes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", nargs="+", default=["0"], help=seeds_help)
     p.add_argument("--methods", nargs="+", default=["supervised", "cl", "scl"], help=methods_help)
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
     p.set_defaults(func=_cmd_demo)
 
     p = _command(sub, "compare", "methods on any config over seeds: per-seed results, paired differences, curves")
@@ -553,6 +556,7 @@ def _add_comparison_commands(sub) -> None:
                         "e.g. 'scl_student: method.name=scl eval.use_teacher=false'")
     p.add_argument("--seeds", nargs="+", default=["0"], help=seeds_help)
     p.add_argument("--split", help="split that scores the runs (default: test)")
+    p.add_argument("--jobs", type=int, default=1, help=jobs_help)
     p.add_argument("--out", help="folder of the <label>_seed<k>/ runs (default: runs/compare/<config name>)")
     p.add_argument("--summarize", metavar="DIR",
                    help="train nothing: rebuild summary.json, summary.md and learning_curves.png from DIR's run "

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -128,7 +130,8 @@ def _warm_up_groups(entries: Sequence[Entry], configs: dict, seed: int) -> list[
     return list(groups.values())
 
 
-def _train_and_score(cfg: Config, data: DataBundle, run: _Run, split: str) -> tuple[dict, torch.nn.Module]:
+def _train_and_score(cfg: Config, data: DataBundle, run: _Run, split: str,
+                     show_progress: bool = True) -> tuple[dict, torch.nn.Module]:
     """Train one compared run (from the shared warm-up's snapshot, or saving it) and score it on
     ``split``; its result record and the scored network (on the CPU, in eval mode)."""
     started = time.perf_counter()
@@ -137,7 +140,7 @@ def _train_and_score(cfg: Config, data: DataBundle, run: _Run, split: str) -> tu
         shutil.rmtree(run.folder, ignore_errors=True)  # an earlier comparison's run
         shutil.copytree(run.snapshot, run.folder)
         (run.folder / "config.yaml").unlink()  # the resumed run writes its own
-    trainer = Trainer(cfg, run.folder, data=data, resume=bool(run.resume_at))
+    trainer = Trainer(cfg, run.folder, data=data, resume=bool(run.resume_at), show_progress=show_progress)
     if run.snapshot_at:
         trainer.run(until=run.snapshot_at)
         shutil.copytree(run.folder, run.snapshot)
@@ -155,6 +158,70 @@ def _train_and_score(cfg: Config, data: DataBundle, run: _Run, split: str) -> tu
     return result, model.cpu().eval()
 
 
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """The runs of one seed of one warm-up group: entries, their configs, the shared warm-up."""
+
+    seed: int
+    entries: tuple[Entry, ...]
+    configs: tuple[Config, ...]
+    folders: tuple[Path, ...]
+    snapshot: Path  # the run folder at the end of the shared warm-up
+    warm_up: int  # steps shared by the group's runs (0: none)
+
+    @classmethod
+    def of(cls, group: list[Entry], seed: int, configs: dict, out: Path) -> _Plan:
+        first = configs[group[0].label][seed]
+        shared = len(group) > 1 and 0 < first.method.unlabeled_start < first.train.iterations
+        return cls(seed, tuple(group), tuple(configs[e.label][seed] for e in group),
+                   tuple(out / f"{e.label}_seed{seed}" for e in group), out / f".warmup_{group[0].label}_seed{seed}",
+                   first.method.unlabeled_start if shared else 0)
+
+
+def _run_plans_here(plans: list[_Plan], data_for: Callable[[Config], DataBundle], split: str) -> list:
+    """Each plan's runs in this process, one after the other: the first run saves the warm-up's
+    snapshot as it passes it, the others resume from it."""
+    finished = []
+    for plan in plans:
+        shutil.rmtree(plan.snapshot, ignore_errors=True)
+        for index, (entry, cfg, folder) in enumerate(zip(plan.entries, plan.configs, plan.folders)):
+            run = _Run(folder, plan.snapshot, plan.warm_up if index else 0, 0 if index else plan.warm_up)
+            finished.append((plan, entry, _train_and_score(cfg, data_for(cfg), run, split)))
+        shutil.rmtree(plan.snapshot, ignore_errors=True)
+    return finished
+
+
+def _run_plans(plans: list[_Plan], data_for: Callable[[Config], DataBundle], split: str, jobs: int) -> list:
+    """The same runs on ``jobs`` worker processes: every warm-up first, then every run resumes from
+    its group's snapshot (an exact resume: the results are those of :func:`_run_plans_here`)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        warm_ups = {}
+        for plan in plans:
+            shutil.rmtree(plan.snapshot, ignore_errors=True)
+            if plan.warm_up:
+                cfg = plan.configs[0]
+                warm_ups[plan] = pool.submit(_warm_up, cfg, data_for(cfg), plan.folders[0], plan.snapshot,
+                                             plan.warm_up)
+        pending = []
+        for plan in plans:
+            if plan in warm_ups:
+                warm_ups[plan].result()
+            for entry, cfg, folder in zip(plan.entries, plan.configs, plan.folders):
+                run = _Run(folder, plan.snapshot, plan.warm_up, 0)
+                pending.append((plan, entry, pool.submit(_train_and_score, cfg, data_for(cfg), run, split, False)))
+        finished = [(plan, entry, future.result()) for plan, entry, future in pending]
+    for plan in plans:
+        shutil.rmtree(plan.snapshot, ignore_errors=True)
+    return finished
+
+
+def _warm_up(cfg: Config, data: DataBundle, folder: Path, snapshot: Path, steps: int) -> None:
+    """Train the group's first run to the end of the shared warm-up and copy its folder to ``snapshot``."""
+    Trainer(cfg, folder, data=data, show_progress=False).run(until=steps)
+    shutil.copytree(folder, snapshot)
+
+
 def run_comparison(
     config: str,
     out: Path,
@@ -163,13 +230,17 @@ def run_comparison(
     seeds: Sequence[int] = (0,),
     split: str = "test",
     overrides: Sequence[str] = (),
+    jobs: int = 1,
 ) -> dict:
     """Train every entry for every seed, score each on ``split``, write and print the summary.
 
     ``config`` is a YAML file or a packaged config name; ``overrides`` apply to every run
-    before each entry's own. Returns the summary of every finished run in ``out`` (those of
-    earlier or concurrent processes included), as :func:`summarize_runs` does.
+    before each entry's own. ``jobs`` runs that many trainings at once in worker processes (each
+    run's result does not depend on it). Returns the summary of every finished run in ``out``
+    (those of earlier or concurrent processes included), as :func:`summarize_runs` does.
     """
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a number of processes >= 1, got {jobs}")
     labels = [e.label for e in entries]
     if not entries:
         raise ConfigError("compare needs at least one method (--methods) or --variant")
@@ -191,26 +262,16 @@ def run_comparison(
             raise ConfigError(f"--split {split}: not available; the data has {sorted(bundle.eval_splits)}")
         return bundle
 
+    groups = _warm_up_groups(entries, configs, seeds[0])
+    plans = [_Plan.of(group, seed, configs, out) for seed in seeds for group in groups]
+    finished = _run_plans(plans, data_for, split, jobs) if jobs > 1 else _run_plans_here(plans, data_for, split)
     last_models, last_test = {}, None
-    for seed in seeds:
-        for group in _warm_up_groups(entries, configs, seeds[0]):
-            first = configs[group[0].label][seed]
-            shared = len(group) > 1 and 0 < first.method.unlabeled_start < first.train.iterations
-            warm_up = first.method.unlabeled_start if shared else 0
-            snapshot = out / f".warmup_{group[0].label}_seed{seed}"  # the run folder at the end of the warm-up
-            shutil.rmtree(snapshot, ignore_errors=True)
-            for index, entry in enumerate(group):
-                cfg = configs[entry.label][seed]
-                data = data_for(cfg)
-                run = _Run(out / f"{entry.label}_seed{seed}", snapshot, warm_up if index > 0 else 0,
-                           warm_up if index == 0 else 0)
-                result, model = _train_and_score(cfg, data, run, split)
-                result |= {"label": entry.label, "seed": seed, "config": str(config),
-                           "overrides": [*overrides, *entry.overrides]}
-                _write_json(run.folder / f"eval_{split}.json", result)
-                last_models[entry.label] = model
-                last_test = data.eval_splits[split]
-            shutil.rmtree(snapshot, ignore_errors=True)
+    for plan, entry, (result, model) in finished:
+        result |= {"label": entry.label, "seed": plan.seed, "config": str(config),
+                   "overrides": [*overrides, *entry.overrides]}
+        _write_json(out / f"{entry.label}_seed{plan.seed}" / f"eval_{split}.json", result)
+        last_models[entry.label] = model
+        last_test = data_for(plan.configs[0]).eval_splits[split]
     summary = summarize_runs(out, split=split)
     _figure(last_models, last_test, out / "comparison.png")
     paths = [*write_summary(out, summary), out / "comparison.png"]
@@ -223,7 +284,7 @@ def run_comparison(
 
 
 def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
-             methods: Sequence[str] = DEMO_METHODS) -> dict:
+             methods: Sequence[str] = DEMO_METHODS, jobs: int = 1) -> dict:
     """supervised vs cl vs scl on the embedded digit scenes, scored on the test scenes."""
     return run_comparison(DEMO_CONFIG, out, entries=[Entry.method(m) for m in methods], seeds=seeds,
                           overrides=overrides)
