@@ -32,7 +32,8 @@ def _tiny_setup(method: str, *overrides: str):
     images = torch.stack([data.labeled[i]["image"] for i in range(4)])
     labels = torch.stack([data.labeled[i]["mask"] for i in range(4)])
     samples = [data.unlabeled[i] for i in range(4)]
-    unlabeled = {"image": torch.stack([s["image"] for s in samples]), "ignore": torch.stack([s["ignore"] for s in samples])}
+    unlabeled = {"image": torch.stack([s["image"] for s in samples]),
+                 "ignore": torch.stack([s["ignore"] for s in samples])}
     return cfg, model, {"image": images, "mask": labels}, unlabeled
 
 
