@@ -104,6 +104,7 @@ def test_every_bad_file_is_reported_in_one_run(tmp_path: Path) -> None:
         report.raise_for_problems()
 
 
+@pytest.mark.slow
 def test_the_command_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _folder(root)

@@ -35,6 +35,7 @@ def _paired_by_hand(later: dict, earlier: dict) -> tuple[dict, float, list]:
     return diff, mean, [mean - half, mean + half]
 
 
+@pytest.mark.slow
 def test_demo_trains_every_method_and_writes_the_table_and_figure(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--seeds", "0", "1", *DEMO]) == 0

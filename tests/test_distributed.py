@@ -98,6 +98,7 @@ def ddp_runs(tmp_path_factory):
     return root, result
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_double_batch(ddp_runs) -> None:
     root, _ = ddp_runs
     two, one = load_checkpoint(root / "two" / "step_4.pt"), load_checkpoint(root / "one" / "step_4.pt")
@@ -139,6 +140,7 @@ def test_sharded_evaluation_gathers_one_confusion_matrix(ddp_runs, tmp_path) -> 
         assert one["per_class_iou"] == last[f"{role}_per_class_iou"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_the_run_resumes(tmp_path) -> None:
     out = tmp_path / "scl"
     total = 12  # ~0.25 s a step under Gloo: the signal lands after step 1 or 2

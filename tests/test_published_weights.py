@@ -306,6 +306,7 @@ def _nvidia_to_own(key: str) -> str:
     return f"encoder.{key}" if key.startswith("mod") else key
 
 
+@pytest.mark.slow
 def test_nvidia_layout_is_the_model(nvidia_files):
     """Key names and shapes: the model's state_dict is DeepWV3Plus's, the trunk under ``encoder.``."""
     model = create_model(ModelConfig(name="deeplabv3plus_wrn38", output_stride=8), 19, load_pretrained=False)
@@ -316,6 +317,7 @@ def test_nvidia_layout_is_the_model(nvidia_files):
     assert sum(p.numel() for p in model.encoder.parameters()) == n_params(nvidia_trunk_shapes()) == 105_062_720
 
 
+@pytest.mark.slow
 def test_nvidia_cityscapes_model_loads_whole_and_matches_the_reference(nvidia_files):
     root, _, whole = nvidia_files
     path = root / "cityscapes_best.pth"
@@ -386,7 +388,8 @@ def _save_unimatch_checkpoint(path: Path, state: State) -> None:
                 "epoch": 239, "previous_best": np.float64(77.93)}, path)
 
 
-@pytest.mark.parametrize("depth, output_stride, size", [(101, 16, (57, 77)), (50, 8, (33, 42))])
+@pytest.mark.parametrize("depth, output_stride, size",
+                         [pytest.param(101, 16, (57, 77), marks=pytest.mark.slow), (50, 8, (33, 42))])
 def test_unimatch_checkpoint_loads_whole_and_matches_the_reference(tmp_path, depth, output_stride, size):
     state = random_state(unimatch_shapes(depth, 19), seed=depth)
     path = tmp_path / "best.pth"
@@ -404,6 +407,7 @@ def test_unimatch_checkpoint_loads_whole_and_matches_the_reference(tmp_path, dep
     assert_same_logits(ours, ref)
 
 
+@pytest.mark.slow
 def test_unimatch_backbone_file_loads_the_encoder_bit_exactly(tmp_path):
     """UniMatch's ``pretrained/resnet101.pth``: the backbone's plain state dict."""
     backbone = random_state(unimatch_backbone_shapes(101), seed=7)
@@ -421,6 +425,7 @@ def _digits(overrides: list[str]) -> list[str]:
     return [o for o in TINY if not o.startswith("model.")] + ["data.digits.n_val=2", *overrides]
 
 
+@pytest.mark.slow
 def test_unimatch_checkpoint_scored_by_evaluate(tmp_path):
     """``sclseg evaluate`` scores UniMatch's ``latest.pth`` as the model the config names, giving
     what the same weights loaded through ``model.pretrained`` give."""

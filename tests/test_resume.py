@@ -306,6 +306,7 @@ def _wait_for_first_step(proc: subprocess.Popen, out: Path, timeout: float = 60.
     raise AssertionError("no metrics line within the timeout")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path, signum) -> None:
     out = tmp_path / "run"
