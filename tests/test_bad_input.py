@@ -35,8 +35,10 @@ def _folder(root: Path, n: int = 2) -> Path:
         (root / sub / "images").mkdir(parents=True, exist_ok=True)
         (root / sub / "masks").mkdir(parents=True, exist_ok=True)
         for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(root / sub / "images" / f"im{i}.png")
-            Image.fromarray(rng.integers(0, 2, (24, 24), dtype=np.uint8), mode="L").save(root / sub / "masks" / f"im{i}.png")
+            image = Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8))
+            image.save(root / sub / "images" / f"im{i}.png")
+            mask = Image.fromarray(rng.integers(0, 2, (24, 24), dtype=np.uint8), mode="L")
+            mask.save(root / sub / "masks" / f"im{i}.png")
     return root
 
 

@@ -104,13 +104,15 @@ def test_every_bad_file_is_reported_in_one_run(tmp_path: Path) -> None:
         report.raise_for_problems()
 
 
+@pytest.mark.slow
 def test_the_command_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
     root = tmp_path / "data"
     _folder(root)
     expected = _break_everything(root)
     report_path = tmp_path / "check.json"
     proc = subprocess.run([SCLSEG, "check", str(_write_cfg(tmp_path, root)), "data.folder.val_fraction=0",
-                           "--workers", "2", "--report", str(report_path)], capture_output=True, text=True, cwd=tmp_path)
+                           "--workers", "2", "--report", str(report_path)],
+                          capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("problem: ")]
@@ -208,7 +210,8 @@ def test_cityscapes_labels_missing_and_foreign_ids_are_reported(tmp_path: Path) 
     rng = np.random.default_rng(0)
     ids = np.array([7, 8, 11, 21, 26, 0, 4], dtype=np.uint8)  # road, sidewalk, building, vegetation, car, two ignored
     labels = {}
-    for split, names in (("train", ["a_000000_000001", "a_000000_000002", "b_000000_000003"]), ("val", ["c_000000_000004"])):
+    splits = (("train", ["a_000000_000001", "a_000000_000002", "b_000000_000003"]), ("val", ["c_000000_000004"]))
+    for split, names in splits:
         for stem in names:
             city = stem.split("_")[0]
             _image(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", rng)

@@ -173,6 +173,7 @@ def test_every_paper_scale_model_has_blocks_in_encoder_and_decoder(name):
     assert list(model.state_dict()) == keys
 
 
+@pytest.mark.slow
 def test_wrn38_gradients_with_its_dropout_equal_plain():
     """The paper's network (channel dropout 0.3/0.5 in mod6-7), two small images, float32."""
     torch.manual_seed(0)

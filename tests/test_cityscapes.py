@@ -56,7 +56,8 @@ def build_tree(root: Path, *, n_per_city=None, size=(16, 32), seed=0) -> dict[st
     n_per_city = n_per_city or {"train": 3, "val": 2, "train_extra": 2}
     rng = np.random.default_rng(seed)
     names: dict[str, list[str]] = {}
-    colours = np.array([label.color for label in sorted(CS_LABELS, key=lambda entry: entry.id) if label.id >= 0], dtype=np.uint8)
+    colours = np.array([label.color for label in sorted(CS_LABELS, key=lambda entry: entry.id) if label.id >= 0],
+                       dtype=np.uint8)
     for split, cities in TREE_CITIES.items():
         names[split] = []
         for city in cities:
@@ -296,7 +297,8 @@ def brute_force_centroids(label: np.ndarray, num_classes: int, tile: int):
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):
             for c in range(num_classes):
-                pts = [(y, x) for y in range(y0, min(y0 + tile, h)) for x in range(x0, min(x0 + tile, w)) if label[y, x] == c]
+                pts = [(y, x) for y in range(y0, min(y0 + tile, h)) for x in range(x0, min(x0 + tile, w))
+                       if label[y, x] == c]
                 if not pts:
                     continue
                 my = sum(p[0] for p in pts) / len(pts)
@@ -342,7 +344,8 @@ def test_centroids_of_a_dataset_are_cached(tree, tmp_path, monkeypatch):
     second = class_centroids(ds, tile_size=8, cache_dir=cache, progress=False)
     assert first.keys() == second.keys() and all(np.array_equal(first[c], second[c]) for c in first)
     monkeypatch.undo()
-    class_centroids(cs.CityscapesDataset(root, cs.scan_split(root, "train")[:2]), tile_size=8, cache_dir=cache, progress=False)
+    class_centroids(cs.CityscapesDataset(root, cs.scan_split(root, "train")[:2]), tile_size=8, cache_dir=cache,
+                    progress=False)
     assert len(list(cache.glob("class_uniform_*.npz"))) == 2  # another file list, another key
 
 
@@ -421,8 +424,10 @@ def test_class_uniform_centroid_at_a_random_position_inside_the_crop():
                 assert len(hit) == 1, (center, crop, seed)  # the centroid is inside the crop
                 positions.add(tuple(hit[0].tolist()))
             # along each axis, every position the image allows (the crop inside it where it fits) is reached
-            ys = range(max(0, center[0] - (height - crop[0])), min(crop[0], center[0] + 1)) if crop[0] < height else [None]
-            xs = range(max(0, center[1] - (width - crop[1])), min(crop[1], center[1] + 1)) if crop[1] < width else [None]
+            ys = (range(max(0, center[0] - (height - crop[0])), min(crop[0], center[0] + 1))
+                  if crop[0] < height else [None])
+            xs = (range(max(0, center[1] - (width - crop[1])), min(crop[1], center[1] + 1))
+                  if crop[1] < width else [None])
             if ys != [None]:
                 assert {y for y, _ in positions} == set(ys), (center, crop)
             if xs != [None]:

@@ -84,7 +84,8 @@ def assert_resumed_like_the_run(before: dict, reference: dict, resumed: dict) ->
         else:
             assert value == other, f"{key}: {value!r} != {other!r}"
     change, error = float_distance(flatten_state(before), ref), float_distance(ref, res)
-    assert change > 0 and error <= 0.01 * change, f"resumed step {error:.3g} from the run's, whose change was {change:.3g}"
+    assert change > 0 and error <= 0.01 * change, (
+        f"resumed step {error:.3g} from the run's, whose change was {change:.3g}")
 
 
 def _checkpoint(out: Path, step: int) -> dict:

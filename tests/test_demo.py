@@ -35,6 +35,7 @@ def _paired_by_hand(later: dict, earlier: dict) -> tuple[dict, float, list]:
     return diff, mean, [mean - half, mean + half]
 
 
+@pytest.mark.slow
 def test_demo_trains_every_method_and_writes_the_table_and_figure(tmp_path, capsys) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--seeds", "0", "1", *DEMO]) == 0
@@ -124,8 +125,10 @@ def test_compare_a_variant_on_another_split_and_merge_folders(tmp_path, capsys) 
     assert summary["methods"] == ["supervised", "sup_student"] and summary["split"] == "val"
     assert summary["weights"] == {"supervised_seed3": "teacher (EMA)", "sup_student_seed3": "student"}
     runs = {m: json.loads((out / f"{m}_seed3" / "eval_val.json").read_text()) for m in summary["methods"]}
-    assert runs["sup_student"]["overrides"][-1] == "eval.use_teacher=false" and runs["sup_student"]["shared_warm_up"] == 0
-    assert summary["paired"]["sup_student-supervised"]["per_seed"] == {"3": runs["sup_student"]["miou"] - runs["supervised"]["miou"]}
+    assert runs["sup_student"]["overrides"][-1] == "eval.use_teacher=false"
+    assert runs["sup_student"]["shared_warm_up"] == 0
+    paired_gap = runs["sup_student"]["miou"] - runs["supervised"]["miou"]
+    assert summary["paired"]["sup_student-supervised"]["per_seed"] == {"3": paired_gap}
     assert summary["paired"]["sup_student-supervised"]["ci95"] is None  # one seed
     assert "one seed: no interval" in capsys.readouterr().out
 
@@ -137,7 +140,8 @@ def test_compare_a_variant_on_another_split_and_merge_folders(tmp_path, capsys) 
     assert main(["compare", "--summarize", str(out)]) == 0
     merged = json.loads((out / "summary.json").read_text())
     assert merged["seeds"] == [3, 4] and merged["paired"]["sup_student-supervised"]["n"] == 2
-    assert merged["runs"]["supervised"]["per_seed"]["4"] == json.loads((other / "summary.json").read_text())["runs"]["supervised"]["miou"]
+    other_summary = json.loads((other / "summary.json").read_text())
+    assert merged["runs"]["supervised"]["per_seed"]["4"] == other_summary["runs"]["supervised"]["miou"]
 
 
 def test_compare_usage_errors(tmp_path, capsys) -> None:

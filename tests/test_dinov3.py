@@ -206,7 +206,8 @@ def test_unimatch_v2_checkpoint_on_dinov3_loads_whole_the_ema_by_default(files, 
         assert torch.equal(model.head.state_dict()[key], value), key
     # the logits: the written-out encoder under the same head, on normalised images, upsampled as V2 does
     x = torch.rand(1, 3, 32, 48)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     with torch.no_grad():
         tokens = written_out_tokens(expected["backbone"], (x - mean) / std, 6, (2, 5, 8, 11))
         reference = F.interpolate(model.head(tokens, 2, 3), size=(32, 48), mode="bilinear", align_corners=True)

@@ -68,7 +68,8 @@ def _cfg(*overrides: str):
 def _torchrun(tmp_path: Path, *args: str, nproc: int = 2, timeout: float = 120.0) -> subprocess.CompletedProcess:
     launcher = tmp_path / "launch_sclseg.py"
     launcher.write_text(_LAUNCHER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(launcher), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(launcher), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
@@ -97,6 +98,7 @@ def ddp_runs(tmp_path_factory):
     return root, result
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_double_batch(ddp_runs) -> None:
     root, _ = ddp_runs
     two, one = load_checkpoint(root / "two" / "step_4.pt"), load_checkpoint(root / "one" / "step_4.pt")
@@ -118,7 +120,8 @@ def test_only_rank_zero_writes_files_and_logs(ddp_runs) -> None:
     assert sorted(p.name for p in run.iterdir() if p.name not in ("tb", ".sclseg.lock")) == [
         "best.pt", "config.yaml", "final.json", "metrics.jsonl", "step_4.pt"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["kind"], r["iteration"]) for r in records] == [("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
+    assert [(r["kind"], r["iteration"]) for r in records] == [
+        ("train", 1), ("train", 2), ("train", 3), ("train", 4), ("eval", 4)]
     assert result.stdout.count('"out":') == 1  # the final JSON, printed once
     assert json.loads((run / "final.json").read_text())["world_size"] == 2
 
@@ -137,6 +140,7 @@ def test_sharded_evaluation_gathers_one_confusion_matrix(ddp_runs, tmp_path) -> 
         assert one["per_class_iou"] == last[f"{role}_per_class_iou"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step_and_the_run_resumes(tmp_path) -> None:
     out = tmp_path / "scl"
     total = 12  # ~0.25 s a step under Gloo: the signal lands after step 1 or 2

@@ -97,7 +97,8 @@ def test_keys_and_shapes_are_metas_and_unimatch_v2s(size, dim, depth, features, 
     assert set(encoder) == meta_keys(depth)
     assert encoder["pos_embed"] == (1, 1 + 37 * 37, dim) and encoder["mask_token"] == (1, dim)
     assert encoder["patch_embed.proj.weight"] == (dim, 3, 14, 14)
-    assert {k: tuple(v.shape) for k, v in model.head.state_dict().items()} == unimatch_v2_head_shapes(19, dim, features, out)
+    head_shapes = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
+    assert head_shapes == unimatch_v2_head_shapes(19, dim, features, out)
     assert set(model.state_dict()) == {f"encoder.{k}" for k in encoder} | {f"head.{k}" for k in model.head.state_dict()}
 
 
@@ -189,9 +190,11 @@ def dinov2_tokens_reference(state: dict[str, torch.Tensor], x: torch.Tensor, hea
         q, k, v = qkv.reshape(batch, count, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
         attn = ((q * (dim // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
         mixed = (attn @ v).transpose(1, 2).reshape(batch, count, dim)
-        tokens = tokens + state[f"{b}.ls1.gamma"] * F.linear(mixed, state[f"{b}.attn.proj.weight"], state[f"{b}.attn.proj.bias"])
+        projected = F.linear(mixed, state[f"{b}.attn.proj.weight"], state[f"{b}.attn.proj.bias"])
+        tokens = tokens + state[f"{b}.ls1.gamma"] * projected
         hidden = F.gelu(F.linear(ln(tokens, f"{b}.norm2"), state[f"{b}.mlp.fc1.weight"], state[f"{b}.mlp.fc1.bias"]))
-        tokens = tokens + state[f"{b}.ls2.gamma"] * F.linear(hidden, state[f"{b}.mlp.fc2.weight"], state[f"{b}.mlp.fc2.bias"])
+        tokens = tokens + state[f"{b}.ls2.gamma"] * F.linear(hidden, state[f"{b}.mlp.fc2.weight"],
+                                                             state[f"{b}.mlp.fc2.bias"])
         if i in layers:
             outputs.append(ln(tokens, "norm")[:, 1:])
     return outputs
@@ -336,7 +339,8 @@ def test_training_starts_from_the_ema_network_of_a_unimatch_v2_checkpoint(digits
 
     overrides = _digits([f"model.pretrained={digits_checkpoint['path']}", "train.device=cpu", "optim.name=adamw",
                          "optim.head_lr_multiplier=40"])
-    trainer = Trainer(load_config(resolve_config_path("digits/default"), overrides), tmp_path / "run", show_progress=False)
+    trainer = Trainer(load_config(resolve_config_path("digits/default"), overrides), tmp_path / "run",
+                      show_progress=False)
     for network in (trainer.student, trainer.mean_teacher.teacher):
         state = network.state_dict()
         assert all(torch.equal(state[k], v) for k, v in digits_checkpoint["ema"].items())

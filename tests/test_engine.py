@@ -55,13 +55,15 @@ def test_evaluate_reproduces_the_last_evaluation(trained_run: Path, tmp_path: Pa
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if r["kind"] == "eval"][-1]
     out = tmp_path / "eval.json"
-    code = main(["evaluate", "digits/default", "--checkpoint", str(trained_run / "step_4.pt"), "--out", str(out), *TINY])
+    code = main(["evaluate", "digits/default", "--checkpoint", str(trained_run / "step_4.pt"), "--out", str(out),
+                 *TINY])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["miou"] == pytest.approx(last["teacher_miou"], abs=1e-9)
     assert set(result["per_class_iou"]) == {c.name for c in DIGIT_CLASSES}
     student_out = tmp_path / "student.json"
-    main(["evaluate", "digits/default", "--checkpoint", str(trained_run / "step_4.pt"), "--student", "--out", str(student_out), *TINY])
+    main(["evaluate", "digits/default", "--checkpoint", str(trained_run / "step_4.pt"), "--student",
+          "--out", str(student_out), *TINY])
     assert json.loads(student_out.read_text())["miou"] == pytest.approx(last["student_miou"], abs=1e-9)
 
 

@@ -62,6 +62,7 @@ def test_usage_errors_exit_2(tmp_path):
         assert no_gpu.returncode == 2 and "--cpu-smoke" in no_gpu.stderr
 
 
+@pytest.mark.slow
 def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     out = tmp_path / "check"
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--cpu-smoke"],

@@ -395,7 +395,8 @@ def test_scl_small_regions_exact_in_sampled_mode(sampling):
     owner[1, 5, 0] = 4
     expected = ref_scl(s, t, owner, 8, 4)
     values = [
-        structured_consistency_loss(s, t, owner, n_boxes=8, last_boxes=4, max_pairs=9, generator=gen(k), sampling=sampling).item()
+        structured_consistency_loss(s, t, owner, n_boxes=8, last_boxes=4, max_pairs=9, generator=gen(k),
+                                    sampling=sampling).item()
         for k in range(6)
     ]
     for v in values:
@@ -415,11 +416,13 @@ def test_scl_mixed_exact_and_sampled_regions(sampling):
     regions = ref_region_losses(s, t, owner, 2, 2)
     assert regions[(0, 1)] == pytest.approx(0.0, abs=1e-12) and regions[(0, 0)] > 1e-3
     for k in range(4):
-        out = structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=9, generator=gen(k), sampling=sampling)
+        out = structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=9, generator=gen(k),
+                                          sampling=sampling)
         assert out.item() == pytest.approx(regions[(0, 0)] / 2, rel=1e-4, abs=1e-6)
     # with max_pairs = 8, region A (9 pairs > 8) is sampled too and the loss varies with the seed
     vals = {
-        structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=8, generator=gen(k), sampling=sampling).item()
+        structured_consistency_loss(s, t, owner, n_boxes=2, last_boxes=2, max_pairs=8, generator=gen(k),
+                                    sampling=sampling).item()
         for k in range(6)
     }
     assert len(vals) > 1
@@ -431,7 +434,8 @@ def test_scl_gradients_reach_student(max_pairs, sampling):
     owner = BoxMaskGenerator(n_boxes=n_boxes)(2, 6, 7, gen(4))
     s = probs((2, 3, 6, 7), 110).requires_grad_()
     t = probs((2, 3, 6, 7), 111)
-    out = structured_consistency_loss(s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs, generator=gen(0), sampling=sampling)
+    out = structured_consistency_loss(s, t, owner, n_boxes=n_boxes, last_boxes=last_boxes, max_pairs=max_pairs,
+                                      generator=gen(0), sampling=sampling)
     out.backward()
     assert torch.isfinite(s.grad).all()
     counted = (owner >= n_boxes - last_boxes)[:, None].expand_as(s)
@@ -578,7 +582,8 @@ def test_pair_region_losses_equal_the_loop_and_gradcheck():
     for b in range(2):
         for n in range(2):
             gaps = [
-                ref_cos(s1[b, :, n, m].tolist(), s2[b, :, n, m].tolist()) - ref_cos(t1[b, :, n, m].tolist(), t2[b, :, n, m].tolist())
+                ref_cos(s1[b, :, n, m].tolist(), s2[b, :, n, m].tolist())
+                - ref_cos(t1[b, :, n, m].tolist(), t2[b, :, n, m].tolist())
                 for m in range(6)
             ]
             assert out[b, n].item() == pytest.approx(sum(g * g for g in gaps) / 6, rel=1e-5, abs=1e-8)
@@ -612,7 +617,8 @@ def test_relaxed_matches_dense_one_hot_formula_on_blocky_labels():
     # Eq. 2 computed densely (one-hot max-pool presence, masked logsumexp everywhere) at a size
     # with many plain and many mixed windows, ignore pixels and both borders
     B, C, H, W = 2, 6, 24, 40
-    target = torch.randint(0, C, (B, 1, 6, 10), generator=gen(360)).repeat_interleave(4, 2).repeat_interleave(4, 3)[:, 0]
+    coarse = torch.randint(0, C, (B, 1, 6, 10), generator=gen(360))
+    target = coarse.repeat_interleave(4, 2).repeat_interleave(4, 3)[:, 0]
     target[torch.rand(B, H, W, generator=gen(361)) < 0.05] = 255
     logits = (torch.randn(B, C, H, W, generator=gen(362)) * 3).requires_grad_()
     for window in (3, 5):

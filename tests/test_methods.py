@@ -24,6 +24,11 @@ from tiny_config import TINY
 WEAK_TO_STRONG = ["fixmatch", "fixmatch_scl", "unimatch_v1", "unimatch_v1_scl", "unimatch_v2", "unimatch_v2_scl"]
 
 
+def _marked_slow(names, slow: set[str]) -> list:
+    """``names`` as parameters, those in ``slow`` (over 5 s on 2 CPU cores) marked ``slow``."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name in slow else name for name in names]
+
+
 def _tiny_setup(method: str, *overrides: str):
     cfg = load_config(resolve_config_path("digits/default"), [*TINY, f"method.name={method}", *overrides])
     data = build_data(cfg)
@@ -32,7 +37,8 @@ def _tiny_setup(method: str, *overrides: str):
     images = torch.stack([data.labeled[i]["image"] for i in range(4)])
     labels = torch.stack([data.labeled[i]["mask"] for i in range(4)])
     samples = [data.unlabeled[i] for i in range(4)]
-    unlabeled = {"image": torch.stack([s["image"] for s in samples]), "ignore": torch.stack([s["ignore"] for s in samples])}
+    unlabeled = {"image": torch.stack([s["image"] for s in samples]),
+                 "ignore": torch.stack([s["ignore"] for s in samples])}
     return cfg, model, {"image": images, "mask": labels}, unlabeled
 
 
@@ -48,7 +54,8 @@ TERMS = {"supervised": {"loss", "loss_x"}, "cl": {"loss", "loss_x", "loss_c"},
          "unimatch_v2": {"loss", "loss_x", "loss_u"}, "unimatch_v1": {"loss", "loss_x", "loss_u", "loss_fp"}}
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", _marked_slow(METHODS, {"cl", "scl", "fixmatch_scl", "unimatch_v1", "unimatch_v1_scl",
+                                                        "unimatch_v2", "unimatch_v2_scl"}))
 def test_every_method_lowers_its_loss_on_a_fixed_batch(name: str) -> None:
     cfg, model, batch, ubatch = _tiny_setup(name, "method.threshold=0.0")
     method = _method(cfg, model)
@@ -78,7 +85,8 @@ def test_a_method_without_scl_never_computes_it_whatever_lambda_sc_says(name: st
     assert "loss_sc" not in terms
 
 
-@pytest.mark.parametrize("name", WEAK_TO_STRONG)
+@pytest.mark.parametrize("name", _marked_slow(WEAK_TO_STRONG, {"fixmatch_scl", "unimatch_v1", "unimatch_v1_scl",
+                                                               "unimatch_v2_scl"}))
 def test_before_the_unlabeled_terms_start_a_method_trains_as_supervised_bit_for_bit(name: str) -> None:
     cfg, model, batch, ubatch = _tiny_setup(name)
     states = []
@@ -293,6 +301,7 @@ def test_pair_sampling_reaches_the_structured_loss() -> None:
         load_config(None, ["method.pair_sampling=boxes"])
 
 
+@pytest.mark.slow
 def test_student_as_teacher_trains_as_a_zero_decay_ema_and_keeps_the_ema_for_evaluation() -> None:
     """``method.teacher: student`` guesses labels with the student in eval mode; the student it
     trains is, bit for bit, the one an EMA of decay 0 (an exact copy) trains, and the EMA of the

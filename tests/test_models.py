@@ -249,6 +249,7 @@ def test_resnet_output_size_and_feature_strides(depth, output_stride):
     assert aspp_rates == ([12, 24, 36] if output_stride == 8 else [6, 12, 18])
 
 
+@pytest.mark.slow
 def test_resnet_trains_on_odd_sizes():
     model = create_model(ModelConfig(name="deeplabv3plus_resnet50", output_stride=16), 3).train()
     x = torch.rand(2, 3, 37, 29)

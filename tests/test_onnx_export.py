@@ -60,6 +60,7 @@ def compact(tmp_path_factory) -> dict:
     return {"pt": path, "onnx": out, "model": model}
 
 
+@pytest.mark.slow
 def test_the_onnx_file_matches_pytorch_at_two_sizes_and_batches(compact) -> None:
     assert_same_logits(compact["onnx"], compact["model"], [(1, 3, 64, 96), (2, 3, 40, 72)])
     info = json.loads(Path(f"{compact['onnx']}.json").read_text())
@@ -78,6 +79,7 @@ def test_predict_runs_the_onnx_file_as_it_runs_the_checkpoint(compact, tmp_path)
     assert written["class_names"] == [c.name for c in DIGIT_CLASSES]
 
 
+@pytest.mark.slow
 def test_dpt_on_dinov3_exports_with_dynamic_sizes(tmp_path) -> None:
     path, model = weights_file(tmp_path, "dpt_dinov3_small")
     out = tmp_path / "dpt.onnx"
@@ -94,5 +96,6 @@ def test_an_onnx_file_not_written_by_sclseg_exits_2_naming_it(tmp_path, capsys) 
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     onnx.save(helper.make_model(graph), str(tmp_path / "other.onnx"))
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "scene.png")
-    code = main(["predict", str(tmp_path / "scene.png"), "--checkpoint", str(tmp_path / "other.onnx"), "--out", str(tmp_path / "o")])
+    code = main(["predict", str(tmp_path / "scene.png"), "--checkpoint", str(tmp_path / "other.onnx"),
+                 "--out", str(tmp_path / "o")])
     assert code == 2 and "other.onnx has no sclseg metadata" in capsys.readouterr().err

@@ -33,6 +33,7 @@ def train(model: nn.Module, optimizer, scheduler, steps: int = 3) -> None:
             scheduler.step()
 
 
+@pytest.mark.slow
 def test_sgd_over_the_model_is_sgd_over_its_parameters_bit_for_bit() -> None:
     cfg = load_config(None, ["optim.poly_power=0.9"]).optim
     a, b = compact(), compact()

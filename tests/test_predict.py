@@ -73,6 +73,7 @@ def test_inputs_of_one_stem_in_several_folders_get_distinct_outputs(tmp_path: Pa
     assert len(list(out.rglob("*_labels.png"))) == 4
 
 
+@pytest.mark.slow
 def test_two_files_that_still_collide_are_an_error_naming_both(tmp_path: Path, weights: Path) -> None:
     a, b = tmp_path / "a" / "0001.jpg", tmp_path / "b" / "0001.jpg"
     _image(a, 0)
@@ -110,6 +111,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path: Path, weights: Path, flags: li
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_out_naming_a_file_exits_2_without_a_traceback(tmp_path: Path, weights: Path) -> None:
     _image(tmp_path / "a.png", 0)
     existing = tmp_path / "out.txt"
@@ -120,6 +122,7 @@ def test_out_naming_a_file_exits_2_without_a_traceback(tmp_path: Path, weights: 
     assert existing.read_text() == "keep me"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_exits_2_before_loading_the_model(tmp_path: Path) -> None:
     _image(tmp_path / "a.png", 0)

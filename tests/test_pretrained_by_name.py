@@ -49,6 +49,7 @@ def test_offline_without_the_file_names_the_file_and_where_to_place_it(tmp_path)
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / f"{TAG}.safetensors") in message
 
 
+@pytest.mark.slow
 def test_the_placed_file_initialises_the_encoder_through_timm(tmp_path) -> None:
     network = timm.create_model(TAG.split(".")[0], pretrained=False)
     g = torch.Generator().manual_seed(0)

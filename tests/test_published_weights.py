@@ -101,7 +101,8 @@ UNIMATCH_LAYERS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}
 
 def unimatch_backbone_shapes(depth: int) -> Shapes:
     """UniMatch's ``ResNet``: deep stem 3 -> 64 -> 64 -> 128, ``bn1``, Bottleneck layers, no ``fc``."""
-    shapes: Shapes = {"conv1.0.weight": (64, 3, 3, 3), "conv1.3.weight": (64, 64, 3, 3), "conv1.6.weight": (128, 64, 3, 3)}
+    shapes: Shapes = {"conv1.0.weight": (64, 3, 3, 3), "conv1.3.weight": (64, 64, 3, 3),
+                      "conv1.6.weight": (128, 64, 3, 3)}
     _bn(shapes, "conv1.1", 64)
     _bn(shapes, "conv1.4", 64)
     _bn(shapes, "bn1", 128)
@@ -163,7 +164,8 @@ def random_state(shapes: Shapes, seed: int) -> State:
 
 
 def n_params(shapes: Shapes) -> int:
-    return sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    return sum(int(np.prod(s)) for k, s in shapes.items() if not k.endswith(buffers))
 
 
 # --------------------------------------------------------------------------- reference forward passes
@@ -241,7 +243,10 @@ def reference_unimatch(sd: State, x: Tensor, depth: int, output_stride: int) -> 
             y = _bn_f(_conv_f(x, sd, f"{p}.conv1"), sd, f"{p}.bn1")
             y = _bn_f(_conv_f(y, sd, f"{p}.conv2", s, d), sd, f"{p}.bn2")
             y = _bn_f(_conv_f(y, sd, f"{p}.conv3"), sd, f"{p}.bn3", relu=False)
-            shortcut = _bn_f(_conv_f(x, sd, f"{p}.downsample.0", s), sd, f"{p}.downsample.1", relu=False) if j == 0 else x
+            if j == 0:
+                shortcut = _bn_f(_conv_f(x, sd, f"{p}.downsample.0", s), sd, f"{p}.downsample.1", relu=False)
+            else:
+                shortcut = x
             x = F.relu(y + shortcut)
         if i == 1:
             c1 = x
@@ -287,8 +292,10 @@ def nvidia_files(tmp_path_factory):
     torch.save({"state_dict": imagenet, "epoch": 100, "arch": "wider_resnet38_a2"}, root / "wider_resnet38.pth.tar")
     del imagenet
     whole = random_state(nvidia_trunk_shapes() | nvidia_head_shapes(19), seed=2)
-    torch.save({"state_dict": {f"module.{k}": v for k, v in whole.items()}, "optimizer": {"state": {}, "param_groups": []},
-                "epoch": 175, "mean_iu": np.float64(0.8312), "command": "python train.py --arch network.deepv3.DeepWV3Plus"},
+    torch.save({"state_dict": {f"module.{k}": v for k, v in whole.items()},
+                "optimizer": {"state": {}, "param_groups": []},
+                "epoch": 175, "mean_iu": np.float64(0.8312),
+                "command": "python train.py --arch network.deepv3.DeepWV3Plus"},
                root / "cityscapes_best.pth")
     yield root, trunk, whole
     del trunk, whole
@@ -299,15 +306,18 @@ def _nvidia_to_own(key: str) -> str:
     return f"encoder.{key}" if key.startswith("mod") else key
 
 
+@pytest.mark.slow
 def test_nvidia_layout_is_the_model(nvidia_files):
     """Key names and shapes: the model's state_dict is DeepWV3Plus's, the trunk under ``encoder.``."""
     model = create_model(ModelConfig(name="deeplabv3plus_wrn38", output_stride=8), 19, load_pretrained=False)
     shapes = nvidia_trunk_shapes() | nvidia_head_shapes(19)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {_nvidia_to_own(k): s for k, s in shapes.items()}
+    assert ({k: tuple(v.shape) for k, v in model.state_dict().items()}
+            == {_nvidia_to_own(k): s for k, s in shapes.items()})
     assert sum(p.numel() for p in model.parameters()) == n_params(shapes) == 137_103_936
     assert sum(p.numel() for p in model.encoder.parameters()) == n_params(nvidia_trunk_shapes()) == 105_062_720
 
 
+@pytest.mark.slow
 def test_nvidia_cityscapes_model_loads_whole_and_matches_the_reference(nvidia_files):
     root, _, whole = nvidia_files
     path = root / "cityscapes_best.pth"
@@ -330,7 +340,8 @@ def test_nvidia_imagenet_trunk_loads_the_encoder_only(nvidia_files):
     model = create_model(ModelConfig(name="deeplabv3plus_wrn38"), 19, load_pretrained=False)
     head_before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     with pytest.warns(UserWarning, match=r"ignored: bn_out\.\* \(5\), classifier\.\* \(2\)"):
-        model = create_model(ModelConfig(name="deeplabv3plus_wrn38", pretrained=str(root / "wider_resnet38.pth.tar")), 19)
+        trunk_file = str(root / "wider_resnet38.pth.tar")
+        model = create_model(ModelConfig(name="deeplabv3plus_wrn38", pretrained=trunk_file), 19)
     report = model.pretrained_report
     assert report.scope == "encoder" and report.missing == []
     assert len(report.loaded) == len(trunk)
@@ -367,7 +378,8 @@ def unimatch_shapes(depth: int, classes: int) -> Shapes:
 def test_unimatch_layout_is_the_model(depth, params):
     model = create_model(ModelConfig(name=f"deeplabv3plus_resnet{depth}_deepstem", output_stride=16), 19)
     shapes = unimatch_shapes(depth, 19)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {_unimatch_to_own(k): s for k, s in shapes.items()}
+    assert ({k: tuple(v.shape) for k, v in model.state_dict().items()}
+            == {_unimatch_to_own(k): s for k, s in shapes.items()})
     assert sum(p.numel() for p in model.parameters()) == n_params(shapes) == params
 
 
@@ -376,7 +388,8 @@ def _save_unimatch_checkpoint(path: Path, state: State) -> None:
                 "epoch": 239, "previous_best": np.float64(77.93)}, path)
 
 
-@pytest.mark.parametrize("depth, output_stride, size", [(101, 16, (57, 77)), (50, 8, (33, 42))])
+@pytest.mark.parametrize("depth, output_stride, size",
+                         [pytest.param(101, 16, (57, 77), marks=pytest.mark.slow), (50, 8, (33, 42))])
 def test_unimatch_checkpoint_loads_whole_and_matches_the_reference(tmp_path, depth, output_stride, size):
     state = random_state(unimatch_shapes(depth, 19), seed=depth)
     path = tmp_path / "best.pth"
@@ -394,12 +407,14 @@ def test_unimatch_checkpoint_loads_whole_and_matches_the_reference(tmp_path, dep
     assert_same_logits(ours, ref)
 
 
+@pytest.mark.slow
 def test_unimatch_backbone_file_loads_the_encoder_bit_exactly(tmp_path):
     """UniMatch's ``pretrained/resnet101.pth``: the backbone's plain state dict."""
     backbone = random_state(unimatch_backbone_shapes(101), seed=7)
     path = tmp_path / "resnet101.pth"
     torch.save(backbone, path)
-    model = create_model(ModelConfig(name="deeplabv3plus_resnet101_deepstem", output_stride=16, pretrained=str(path)), 19)
+    model_cfg = ModelConfig(name="deeplabv3plus_resnet101_deepstem", output_stride=16, pretrained=str(path))
+    model = create_model(model_cfg, 19)
     report = model.pretrained_report
     assert report.scope == "encoder" and report.missing == [] and report.unexpected == []
     assert len(report.loaded) == len(backbone)
@@ -410,6 +425,7 @@ def _digits(overrides: list[str]) -> list[str]:
     return [o for o in TINY if not o.startswith("model.")] + ["data.digits.n_val=2", *overrides]
 
 
+@pytest.mark.slow
 def test_unimatch_checkpoint_scored_by_evaluate(tmp_path):
     """``sclseg evaluate`` scores UniMatch's ``latest.pth`` as the model the config names, giving
     what the same weights loaded through ``model.pretrained`` give."""
@@ -434,7 +450,8 @@ def test_training_starts_student_and_teacher_from_a_published_file(tmp_path):
     path = tmp_path / "best.pth"
     _save_unimatch_checkpoint(path, state)
     overrides = _digits(["model.name=deeplabv3plus_resnet50_deepstem", f"model.pretrained={path}", "train.device=cpu"])
-    trainer = Trainer(load_config(resolve_config_path("digits/default"), overrides), tmp_path / "run", show_progress=False)
+    trainer = Trainer(load_config(resolve_config_path("digits/default"), overrides), tmp_path / "run",
+                      show_progress=False)
     assert_bit_equal(trainer.student, state, _unimatch_to_own)
     assert_bit_equal(trainer.mean_teacher.teacher, state, _unimatch_to_own)
 
@@ -444,7 +461,10 @@ def test_published_file_for_the_wrong_network_is_an_error(tmp_path):
     path = tmp_path / "best.pth"
     _save_unimatch_checkpoint(path, state)
     overrides = _digits(["model.name=deeplabv3plus_resnet101_deepstem"])
-    assert main(["evaluate", "digits/default", "--checkpoint", str(path), "--out", str(tmp_path / "e.json"), *overrides]) == 2
+    code = main(["evaluate", "digits/default", "--checkpoint", str(path), "--out", str(tmp_path / "e.json"),
+                 *overrides])
+    assert code == 2
     cfg = load_config(resolve_config_path("digits/default"), overrides)
-    with pytest.raises(ConfigError, match=r"--checkpoint: .*best\.pth lacks \d+ of the DeepStemDeepLabV3Plus network's"):
+    with pytest.raises(ConfigError,
+                       match=r"--checkpoint: .*best\.pth lacks \d+ of the DeepStemDeepLabV3Plus network's"):
         _checkpoint_model(str(path), True, cfg, DIGIT_CLASSES)

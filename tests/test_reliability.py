@@ -94,7 +94,8 @@ def test_the_dry_run_reports_a_bad_mask_among_many_and_quick_skips_the_file_chec
     ("eval.tile=[0,0]", "eval.tile"),
 ])
 def test_out_of_range_settings_are_refused_at_config_load_naming_the_key(override, key) -> None:
-    with pytest.raises(ConfigError, match=rf"^command-line override \({override.replace('[', '.').replace(']', '.')}\): "
+    override_pattern = override.replace("[", ".").replace("]", ".")
+    with pytest.raises(ConfigError, match=rf"^command-line override \({override_pattern}\): "
                                           rf"{key.replace('.', '[.]')}: expected"):
         load_config(DIGITS, [override])
 

@@ -157,7 +157,8 @@ def test_every_method_reaches_the_end_of_the_warm_up_in_the_same_state(data, dro
 
     sup = Trainer(_cfg(*warm, "method.name=supervised"), tmp_path / "sup", data=data, show_progress=False)
     sup.run(until=3)
-    Trainer(_cfg(*warm), tmp_path / "resumed", data=data, show_progress=False, resume=tmp_path / "sup" / "step_3.pt").run()
+    Trainer(_cfg(*warm), tmp_path / "resumed", data=data, show_progress=False,
+            resume=tmp_path / "sup" / "step_3.pt").run()
     assert_same_state(_final_state(tmp_path / "scl", 6), _final_state(tmp_path / "resumed", 6))
 
 
@@ -244,7 +245,8 @@ def test_checkpoints_load_with_weights_only_and_a_code_carrying_pickle_is_refuse
 def test_exported_weights_predict_like_the_checkpoint(reference, tmp_path, capsys) -> None:
     # the reference run's model has dropout (a test-only wrapper): export a plain run instead
     run = tmp_path / "run"
-    assert main(["train", "digits/default", "--out", str(run), *TINY, "train.iterations=2", "train.eval_interval=2"]) == 0
+    assert main(["train", "digits/default", "--out", str(run), *TINY,
+                 "train.iterations=2", "train.eval_interval=2"]) == 0
     exported = tmp_path / "model.pt"
     assert main(["export", str(run / "step_2.pt"), str(exported)]) == 0
     weights = torch.load(exported, weights_only=True)
@@ -269,7 +271,8 @@ def test_exported_weights_predict_like_the_checkpoint(reference, tmp_path, capsy
         a = Image.open(tmp_path / "from_ckpt" / f"{i}_labels.png")
         b = Image.open(tmp_path / "from_export" / f"{i}_labels.png")
         assert np.array_equal(np.asarray(a), np.asarray(b))
-    assert main(["evaluate", "digits/default", "--checkpoint", str(exported), "--out", str(tmp_path / "e.json"), *TINY]) == 0
+    assert main(["evaluate", "digits/default", "--checkpoint", str(exported), "--out", str(tmp_path / "e.json"),
+                 *TINY]) == 0
     student = tmp_path / "student.pt"
     assert main(["export", str(run / "step_2.pt"), str(student), "--student", "--half"]) == 0
     half = torch.load(student, weights_only=True)
@@ -303,6 +306,7 @@ def _wait_for_first_step(proc: subprocess.Popen, out: Path, timeout: float = 60.
     raise AssertionError("no metrics line within the timeout")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path, signum) -> None:
     out = tmp_path / "run"

@@ -33,6 +33,7 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow
 def test_a_second_start_into_a_held_folder_is_refused_naming_the_folder_and_the_holder(tmp_path, capsys) -> None:
     out = tmp_path / "run"
     holder = _holder(out)
@@ -50,6 +51,7 @@ def test_a_second_start_into_a_held_folder_is_refused_naming_the_folder_and_the_
                  "train.eval_interval=2"]) == 0
 
 
+@pytest.mark.slow
 def test_two_trains_started_together_one_runs_and_the_other_is_refused(tmp_path) -> None:
     out = tmp_path / "run"
     command = [sys.executable, "-m", "sclseg", "train", "digits/default", "--out", str(out), *TINY,
@@ -65,6 +67,7 @@ def test_two_trains_started_together_one_runs_and_the_other_is_refused(tmp_path)
     assert steps == [1, 2, 3]  # one run's records, none interleaved
 
 
+@pytest.mark.slow
 def test_the_lock_is_reentrant_in_one_process_and_released_on_close(tmp_path) -> None:
     folder = RunFolder(tmp_path / "run", main=True)
     again = RunLock(tmp_path / "run")

@@ -22,8 +22,10 @@ def test_unimatch_v1_recipe() -> None:
     cfg = load_config(resolve_config_path("cityscapes/scl_resnet101_deepstem_1-8"))
     d, o = cfg.data, cfg.optim
     assert cfg.model.name == "deeplabv3plus_resnet101_deepstem" and cfg.model.output_stride == 16
-    assert (d.crop_size, d.batch_size, d.unlabeled_batch_size, d.scale_range, d.hflip) == ([801, 801], 2, 2, [0.5, 2.0], True)
-    assert (o.name, o.lr, o.head_lr_multiplier, o.momentum, o.weight_decay, o.poly_power) == ("sgd", 0.005, 1.0, 0.9, 1e-4, 0.9)
+    assert (d.crop_size, d.batch_size, d.unlabeled_batch_size, d.scale_range, d.hflip) == (
+        [801, 801], 2, 2, [0.5, 2.0], True)
+    assert (o.name, o.lr, o.head_lr_multiplier, o.momentum, o.weight_decay, o.poly_power) == (
+        "sgd", 0.005, 1.0, 0.9, 1e-4, 0.9)
     assert cfg.train.iterations == 240 * ITERATIONS_PER_EPOCH == 78000
     assert cfg.data.cityscapes.labeled_count == 372 and not cfg.data.class_uniform.enabled
     assert (cfg.eval.protocol, cfg.eval.tile, cfg.eval.scales, cfg.eval.flip) == ("unimatch_v1", None, [1.0], False)
@@ -34,7 +36,8 @@ def test_unimatch_v2_recipe() -> None:
     cfg = load_config(resolve_config_path("cityscapes/scl_dpt_dinov2_base_1-8"))
     d, o = cfg.data, cfg.optim
     assert cfg.model.name == "dpt_dinov2_base" and cfg.model.pretrained_weights == "ema"
-    assert (d.crop_size, d.batch_size, d.unlabeled_batch_size, d.scale_range, d.hflip) == ([798, 798], 2, 2, [0.5, 2.0], True)
+    assert (d.crop_size, d.batch_size, d.unlabeled_batch_size, d.scale_range, d.hflip) == (
+        [798, 798], 2, 2, [0.5, 2.0], True)
     assert d.crop_size[0] % 14 == 0
     assert (o.name, o.lr, o.head_lr_multiplier, o.betas, o.weight_decay, o.poly_power) == (
         "adamw", 5e-6, 40.0, [0.9, 0.999], 0.01, 0.9)
