@@ -152,7 +152,7 @@ def test_compare_usage_errors(tmp_path, capsys) -> None:
         (["compare", "--summarize", str(tmp_path / "missing")], "no folder"),
         (["compare", "digits/default", "--variant", "no colon"], "--variant 'no colon'"),
         (["compare", "digits/default", "--variant", "a-b: method.name=cl"], "no '-'"),
-        (["compare", "digits/default", "--methods", "fixmatch"], "--methods: unknown ['fixmatch']"),
+        (["compare", "digits/default", "--methods", "nosuchmethod"], "--methods: unknown ['nosuchmethod']"),
         (["demo", "--seeds", "zero"], "--seeds: expected integers"),
         (["compare", "digits/default", "--methods", "--variant", "cl: method.name=cl", "--split", "nope", *TINY,
           "--out", str(tmp_path / "x")], "--split nope: not available"),
