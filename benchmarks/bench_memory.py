@@ -92,8 +92,9 @@ def synthetic_batches(trainer: Trainer, offset: int) -> tuple[dict, Optional[dic
     if not trainer.method.needs_unlabeled:
         return batch, None
     samples = [data.unlabeled[(offset + i) % len(data.unlabeled)] for i in range(d.unlabeled_batch_size)]
-    return batch, {"image": torch.stack([s["image"] for s in samples]).to(device),
-                   "ignore": torch.stack([s["ignore"] for s in samples]).to(device)}
+    # "ignore" (the crop's padding map) as the data streams collate it: only where the data set gives one
+    return batch, {key: torch.stack([s[key] for s in samples]).to(device) for key in ("image", "ignore")
+                   if key in samples[0]}
 
 
 def one_step(trainer: Trainer, batch: dict, ubatch: Optional[dict]) -> dict[str, torch.Tensor]:
