@@ -155,7 +155,8 @@ def images_per_step(resolved: dict) -> dict[str, int]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="cityscapes/scl_wrn38", help="a cityscapes config (its data section is used)")
+    parser.add_argument("--config", default="cityscapes/scl_wrn38",
+                        help="a cityscapes config (its data section is used)")
     parser.add_argument("--images", type=int, default=16, help="synthetic train images written (half labeled)")
     parser.add_argument("--size", type=parse_size, default=(2048, 1024), help="image size WxH")
     parser.add_argument("--workers", type=parse_ints, default=parse_ints("0,1,2"), help="num_workers values to measure")
@@ -165,8 +166,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="torch threads of the main process (workers always use 1); default 1, like one worker")
     parser.add_argument("--step-ms", type=float, default=None, help="training step time to compare with (ms)")
     parser.add_argument("--step-json", default=None, help="bench_step.py JSON whose loop step time to compare with")
-    parser.add_argument("--keep", default=None, help="write the synthetic data set here and keep it (default: a temp dir)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the batch's jitter and blur are timed")
+    parser.add_argument("--keep", default=None,
+                        help="write the synthetic data set here and keep it (default: a temp dir)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the batch's jitter and blur are timed")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. data.crop_size=[512,512]")
@@ -192,8 +195,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         make_dataset(root, args.images, args.size, args.seed)
         make_s = time.perf_counter() - t0
         n_labeled = args.images // 2
-        overrides = [f"data.root={root}", "data.cityscapes.extra_unlabeled=false", f"data.cityscapes.labeled_count={n_labeled}",
-                     f"data.class_uniform.cache_dir={root / '.cache'}", *args.overrides]
+        overrides = [f"data.root={root}", "data.cityscapes.extra_unlabeled=false",
+                     f"data.cityscapes.labeled_count={n_labeled}", f"data.class_uniform.cache_dir={root / '.cache'}",
+                     *args.overrides]
         cfg = load_config(resolve_config_path(args.config), overrides)
         if cfg.data.name != "cityscapes":
             parser.error(f"--config must be a cityscapes config, got data.name={cfg.data.name}")
@@ -220,8 +224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         photometric = build_photometric(d)
         jitter = photometric_costs(bundle.labeled, photometric, d.batch_size, torch.device(args.device), repeats=5)
         if jitter is not None:
-            print(f"colour jitter + blur of a batch of {d.batch_size} on {args.device}: {jitter['ms_per_batch']:.1f} ms "
-                  f"({jitter['ms_per_image']:.1f} ms per image)", flush=True)
+            print(f"colour jitter + blur of a batch of {d.batch_size} on {args.device}: "
+                  f"{jitter['ms_per_batch']:.1f} ms ({jitter['ms_per_image']:.1f} ms per image)", flush=True)
 
         streams = {"labeled": (bundle.labeled, d.batch_size), "unlabeled": (bundle.unlabeled, d.unlabeled_batch_size)}
         per_step = images_per_step(step_cfg or config_to_dict(cfg))

@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -94,10 +95,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--classes", type=int, default=19)
     parser.add_argument("--size", type=parse_hw, default=(256, 512), help="image HxW")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--tile", type=parse_hw, default=None, help="tile HxW of the tiled mode (default: half the image)")
+    parser.add_argument("--tile", type=parse_hw, default=None,
+                        help="tile HxW of the tiled mode (default: half the image)")
     parser.add_argument("--overlap", type=float, default=1.0 / 3.0)
     parser.add_argument("--scales", type=parse_floats, default=parse_floats("0.5,1,2"))
-    parser.add_argument("--ms-tile", type=parse_hw, default=None, help="tiles in the multi-scale+flip mode (default: none)")
+    parser.add_argument("--ms-tile", type=parse_hw, default=None,
+                        help="tiles in the multi-scale+flip mode (default: none)")
     parser.add_argument("--modes", default="whole,tiled,msflip")
     parser.add_argument("--amp", choices=list(AMP_DTYPES), default="off", help="autocast dtype of the forward passes")
     parser.add_argument("--channels-last", action="store_true")
@@ -140,8 +143,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     info = machine_info(device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"device {info['device_name']} ({device.type}), torch {info['torch']}, {torch.get_num_threads()} torch threads; "
-          f"{args.model} ({n_params / 1e6:.2f} M params), images {args.batch}x3x{height}x{width}, amp={args.amp}", flush=True)
+    print(f"device {info['device_name']} ({device.type}), torch {info['torch']}, "
+          f"{torch.get_num_threads()} torch threads; {args.model} ({n_params / 1e6:.2f} M params), "
+          f"images {args.batch}x3x{height}x{width}, amp={args.amp}", flush=True)
 
     load = CpuLoad()
     start = time.perf_counter()
@@ -162,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, spec in modes.items():
         peak = None
         if not args.no_memory:
-            peak = peak_memory_cuda(lambda: run(spec), device) if device.type == "cuda" else peak_memory_cpu(lambda: run(spec))
+            call = functools.partial(run, spec)
+            peak = peak_memory_cuda(call, device) if device.type == "cuda" else peak_memory_cpu(call)
         ms = [t * 1e3 for t in times[name]]
         med = statistics.median(ms)
         results.append({
@@ -180,7 +185,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     others = load.others()
 
     print()
-    header = f"{'mode':<8} {'scales':<14} {'flip':<5} {'tile':<10} {'calls':>5} {'median':>10} {'min':>10} {'img/s':>8} {'peak mem':>11}"
+    header = (f"{'mode':<8} {'scales':<14} {'flip':<5} {'tile':<10} {'calls':>5} {'median':>10} {'min':>10} "
+              f"{'img/s':>8} {'peak mem':>11}")
     print(header)
     print("-" * len(header))
     for r in results:

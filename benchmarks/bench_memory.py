@@ -5,7 +5,8 @@ teacher forward on the unlabeled images, the student forward+backward on the lab
 mixed images, the losses of the config's method, the SGD step and the EMA update. The pieces are
 those of a :class:`sclseg.engine.trainer.Trainer` on synthetic data (model, EMA teacher, SGD +
 poly lr, CutMix generator, AMP dtype and GradScaler; the trainer applies
-``train.activation_checkpointing`` to the student). Every setting gets a fresh set-up with the same seeds, ``--warmup`` steps
+``train.activation_checkpointing`` to the student). Every setting gets a fresh set-up with the same
+seeds, ``--warmup`` steps
 (so the gradients and the momentum buffers exist, as in a running job), one step whose memory
 is measured and ``--steps`` timed steps.
 
@@ -105,7 +106,8 @@ def one_step(trainer: Trainer, batch: dict, ubatch: Optional[dict]) -> dict[str,
 def measure(args, crop: tuple[int, int], checkpointing: str, amp: str, device: torch.device) -> dict:
     """Build a fresh trainer for one setting, warm it up, then measure the peaks and the step time."""
     overrides = list(args.overrides) + [
-        f"data.crop_size=[{crop[0]}, {crop[1]}]", f"train.amp='{amp}'", f"train.activation_checkpointing='{checkpointing}'",
+        f"data.crop_size=[{crop[0]}, {crop[1]}]", f"train.amp='{amp}'",
+        f"train.activation_checkpointing='{checkpointing}'",
         f"train.device={device.type}", "train.grad_accum=1", "method.unlabeled_start=0", "method.rampup_iters=0",
     ]
     cfg = load_config(resolve_config_path(args.config), overrides)
@@ -129,7 +131,8 @@ def measure(args, crop: tuple[int, int], checkpointing: str, amp: str, device: t
             method = "torch.cuda.max_memory_allocated (at the optimizer step's start, and at the end)"
         else:
             before = resident_bytes(live_tensors(trainer, [batch, ubatch]))
-            during_fwd_bwd, during = cpu_allocation_peaks(lambda: one_step(trainer, batch, ubatch), before=OPTIMIZER_EVENT)
+            during_fwd_bwd, during = cpu_allocation_peaks(lambda: one_step(trainer, batch, ubatch),
+                                                          before=OPTIMIZER_EVENT)
             peak, peak_fwd_bwd, reserved = before + during, before + during_fwd_bwd, None
             method = "tensors alive before the step + torch.profiler peak of CPU allocations minus frees"
         times = [time.perf_counter() - t0]  # the measured step itself when --steps 0
@@ -190,7 +193,8 @@ def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"{flag}: expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag}: expected a comma-separated subset of {','.join(allowed)}, "
+                                         f"got {text!r}")
     return items
 
 
@@ -255,7 +259,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ph, pw = args.predict
         print(f"\nfit peak_fwd_bwd = a + b * H * W; whole-step peak at {ph}x{pw}:")
         for f in fits:
-            print(f"  {f['activation_checkpointing']:>8} {f['amp']:>4}: b = {f['bytes_per_pixel'] / 1024:8.1f} KiB/pixel, "
+            print(f"  {f['activation_checkpointing']:>8} {f['amp']:>4}: "
+                  f"b = {f['bytes_per_pixel'] / 1024:8.1f} KiB/pixel, "
                   f"a = {fmt_bytes(f['intercept_bytes'])}, worst residual {100 * f['max_relative_residual']:.1f}% "
                   f"-> {fmt_bytes(f['predicted_peak_bytes'])}")
     others = load.others()

@@ -86,10 +86,10 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
                            "--repeats", "2"]
     stages = [
-        Stage("cuda_tests", [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p", "no:cacheprovider"],
-              80),
-        Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out", j("train_steps.json"),
-                              *steps], 150, "train_steps.json"),
+        Stage("cuda_tests", [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p",
+                             "no:cacheprovider"], 80),
+        Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out",
+                              j("train_steps.json"), *steps], 150, "train_steps.json"),
         *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
                                     "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 45,
                 f"bench_step_{m}.json") for m in ("scl", "cl")),
@@ -282,7 +282,8 @@ def markdown(summary: dict) -> str:
             lines.append(f"| {x['crop'][0]}x{x['crop'][1]} | {x['activation_checkpointing']} | {x['amp']} | "
                          f"{_gb(x['peak_bytes'])} | {_gb(x['reserved_bytes'])} | {x['step_s']:.3f} |")
     failed = [s["name"] for s in summary["stages"] if s["status"] != "ok"]
-    lines += ["", "All stages passed." if not failed else f"Not passed: {', '.join(failed)} (see their .log files).", ""]
+    verdict = "All stages passed." if not failed else f"Not passed: {', '.join(failed)} (see their .log files)."
+    lines += ["", verdict, ""]
     return "\n".join(lines)
 
 
@@ -299,7 +300,8 @@ def check(args: argparse.Namespace) -> int:
     for stage in plan(out, args.cpu_smoke):
         print(f"[gpu_check] {stage.name} ...", flush=True)
         record = run_stage(stage, out)
-        print(f"[gpu_check] {stage.name}: {record['status']} in {record['seconds']:.0f} s {_figures(record)}", flush=True)
+        print(f"[gpu_check] {stage.name}: {record['status']} in {record['seconds']:.0f} s {_figures(record)}",
+              flush=True)
         records.append(record)
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     summary = {
