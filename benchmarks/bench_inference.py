@@ -35,7 +35,7 @@ import torch
 
 from sclseg.config import ModelConfig
 from sclseg.engine.inference import predict_probs, tile_starts
-from sclseg.engine.step import AMP_DTYPES
+from sclseg.methods.base import AMP_DTYPES
 from sclseg.models import MODEL_NAMES, create_model
 
 from bench_losses import (
