@@ -103,5 +103,6 @@ def test_an_onnx_file_not_written_by_sclseg_exits_2_naming_it(tmp_path, capsys) 
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)])
     onnx.save(helper.make_model(graph), str(tmp_path / "other.onnx"))
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "scene.png")
-    code = main(["predict", str(tmp_path / "scene.png"), "--checkpoint", str(tmp_path / "other.onnx"), "--out", str(tmp_path / "o")])
+    code = main(["predict", str(tmp_path / "scene.png"), "--checkpoint", str(tmp_path / "other.onnx"),
+                 "--out", str(tmp_path / "o")])
     assert code == 2 and "other.onnx has no sclseg metadata" in capsys.readouterr().err
