@@ -184,7 +184,8 @@ def train_steps(args: argparse.Namespace) -> int:
                         losses.append(float(terms["loss"]))  # float() synchronises
                         times.append(time.perf_counter() - t0)
                     changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.student.parameters()))
-                    scale = float(trainer.scaler.get_scale()) if trainer.scaler is not None else None
+                    scaler = trainer.method.scaler
+                    scale = float(scaler.get_scale()) if scaler is not None else None
                     del trainer, before
                 finite = all(math.isfinite(v) for v in losses)
                 row |= {"losses": losses, "step_s": times, "weights_changed": changed, "losses_finite": finite,
