@@ -14,8 +14,8 @@ A model is ``ok`` when every case is within ``--tol`` (1e-4) and agrees on at le
 (99.9%) of pixels; ``mismatch`` otherwise; ``export failed`` with the exporter's reason (the first
 line of its message) when no file could be written; ``run failed`` with onnxruntime's reason when
 the file does not run at a survey size (the file is then also compared at the size the exporter
-traced it at, ``at_traced_size``). Sizes: sides of the models' patch for the DPT
-models (DINOv2 14, DINOv3 16), free sides for the convnets.
+traced it at, ``at_traced_size``). Sizes: multiples of the patch for the DPT models (DINOv2 14,
+DINOv3 16), any sides for the convnets.
 
 Usage::
 
@@ -55,12 +55,9 @@ BATCHES = (1, 2)
 OFF_PATCH = [(72, 100), (100, 72)]
 
 
-def patch_of(name: str) -> Optional[int]:
-    if name.startswith("dpt_dinov2_"):
-        return 14
-    if name.startswith("dpt_dinov3_"):
-        return 16
-    return None
+def patch_of(model: torch.nn.Module) -> Optional[int]:
+    """The encoder's patch size (the DPT models: 14 for DINOv2, 16 for DINOv3); None for the convnets."""
+    return getattr(getattr(model, "encoder", None), "patch_size", None)
 
 
 def random_weights_file(folder: Path, name: str, num_classes: int, seed: int) -> tuple[Path, torch.nn.Module]:
@@ -110,8 +107,8 @@ def compare(session, model: torch.nn.Module, shape: tuple[int, int, int, int]) -
 def survey_one(name: str, args, folder: Path) -> dict:
     import onnxruntime
 
-    row: dict = {"model": name, "patch": patch_of(name)}
     path, model = random_weights_file(folder, name, args.classes, args.seed)
+    row: dict = {"model": name, "patch": patch_of(model)}
     row["parameters"] = sum(p.numel() for p in model.parameters())
     out = folder / f"{name}.onnx"
     start = time.perf_counter()
@@ -128,7 +125,7 @@ def survey_one(name: str, args, folder: Path) -> dict:
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     session = onnxruntime.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    cases = [compare(session, model, (batch, 3, h, w)) for h, w in SIZES[patch_of(name)] for batch in BATCHES]
+    cases = [compare(session, model, (batch, 3, h, w)) for h, w in SIZES[row["patch"]] for batch in BATCHES]
     row["cases"] = cases
     rel = [c["max_rel_diff"] for c in cases]
     agree = [c["argmax_agreement"] for c in cases]
@@ -142,7 +139,7 @@ def survey_one(name: str, args, folder: Path) -> dict:
     row["max_rel_diff"], row["argmax_agreement"] = max(rel), min(agree)
     good = row["max_rel_diff"] <= args.tol and row["argmax_agreement"] >= args.agree
     row["status"] = "ok" if good else "mismatch"
-    if args.off_patch and patch_of(name):
+    if args.off_patch and row["patch"]:
         # sides that are not multiples of the patch: PyTorch resizes them to one and back (recorded only)
         row["off_patch_cases"] = [compare(session, model, (batch, 3, h, w)) for h, w in OFF_PATCH for batch in BATCHES]
     return row
