@@ -196,8 +196,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         make_s = time.perf_counter() - t0
         n_labeled = args.images // 2
         overrides = [f"data.root={root}", "data.cityscapes.extra_unlabeled=false",
-                     f"data.cityscapes.labeled_count={n_labeled}",
-                     f"data.class_uniform.cache_dir={root / '.cache'}", *args.overrides]
+                     f"data.cityscapes.labeled_count={n_labeled}", f"data.class_uniform.cache_dir={root / '.cache'}",
+                     *args.overrides]
         cfg = load_config(resolve_config_path(args.config), overrides)
         if cfg.data.name != "cityscapes":
             parser.error(f"--config must be a cityscapes config, got data.name={cfg.data.name}")
@@ -225,8 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         jitter = photometric_costs(bundle.labeled, photometric, d.batch_size, torch.device(args.device), repeats=5)
         if jitter is not None:
             print(f"colour jitter + blur of a batch of {d.batch_size} on {args.device}: "
-                  f"{jitter['ms_per_batch']:.1f} ms "
-                  f"({jitter['ms_per_image']:.1f} ms per image)", flush=True)
+                  f"{jitter['ms_per_batch']:.1f} ms ({jitter['ms_per_image']:.1f} ms per image)", flush=True)
 
         streams = {"labeled": (bundle.labeled, d.batch_size), "unlabeled": (bundle.unlabeled, d.unlabeled_batch_size)}
         per_step = images_per_step(step_cfg or config_to_dict(cfg))

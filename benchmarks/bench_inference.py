@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -34,7 +35,7 @@ import torch
 
 from sclseg.config import ModelConfig
 from sclseg.engine.inference import predict_probs, tile_starts
-from sclseg.methods import AMP_DTYPES
+from sclseg.methods.base import AMP_DTYPES
 from sclseg.models import MODEL_NAMES, create_model
 
 from bench_losses import (
@@ -143,9 +144,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = machine_info(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"device {info['device_name']} ({device.type}), torch {info['torch']}, "
-          f"{torch.get_num_threads()} torch threads; "
-          f"{args.model} ({n_params / 1e6:.2f} M params), images {args.batch}x3x{height}x{width}, amp={args.amp}",
-          flush=True)
+          f"{torch.get_num_threads()} torch threads; {args.model} ({n_params / 1e6:.2f} M params), "
+          f"images {args.batch}x3x{height}x{width}, amp={args.amp}", flush=True)
 
     load = CpuLoad()
     start = time.perf_counter()
@@ -166,10 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     for name, spec in modes.items():
         peak = None
         if not args.no_memory:
-            if device.type == "cuda":
-                peak = peak_memory_cuda(lambda spec=spec: run(spec), device)
-            else:
-                peak = peak_memory_cpu(lambda spec=spec: run(spec))
+            call = functools.partial(run, spec)
+            peak = peak_memory_cuda(call, device) if device.type == "cuda" else peak_memory_cpu(call)
         ms = [t * 1e3 for t in times[name]]
         med = statistics.median(ms)
         results.append({
@@ -187,8 +185,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     others = load.others()
 
     print()
-    header = (f"{'mode':<8} {'scales':<14} {'flip':<5} {'tile':<10} {'calls':>5} "
-              f"{'median':>10} {'min':>10} {'img/s':>8} {'peak mem':>11}")
+    header = (f"{'mode':<8} {'scales':<14} {'flip':<5} {'tile':<10} {'calls':>5} {'median':>10} {'min':>10} "
+              f"{'img/s':>8} {'peak mem':>11}")
     print(header)
     print("-" * len(header))
     for r in results:

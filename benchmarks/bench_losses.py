@@ -33,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -351,10 +352,10 @@ def bench_size(args, device: torch.device, height: int, width: int, dense_budget
 
     for name, (fn, leaf) in active.items():
         if device.type == "cuda":
-            peak = peak_memory_cuda(lambda fn=fn, leaf=leaf: fwd_bwd(fn, leaf), device)
+            peak = peak_memory_cuda(functools.partial(fwd_bwd, fn, leaf), device)
             method = "torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before"
         else:
-            peak = peak_memory_cpu(lambda fn=fn, leaf=leaf: fwd_bwd(fn, leaf))
+            peak = peak_memory_cpu(functools.partial(fwd_bwd, fn, leaf))
             method = "torch.profiler profile_memory: peak running sum of CPU allocations minus frees"
         leaf.grad = None
         records[name].update(
@@ -499,8 +500,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             verdict = "MET" if met else "NOT MET"
             print(
                 f"target {target['statement']}: {verdict} "
-                f"(ratio {hit['ratio_median']:.2f}, "
-                f"SCL {hit['scl_ms_median']:.1f} ms vs CL {hit['cl_ms_median']:.1f} ms)"
+                f"(ratio {hit['ratio_median']:.2f}, SCL {hit['scl_ms_median']:.1f} ms "
+                f"vs CL {hit['cl_ms_median']:.1f} ms)"
             )
         targets.append(target)
     target = {"statement": f"{LABELS['rbl']} fwd+bwd <= 2 x plain CE fwd+bwd at {target_size} (medians)",

@@ -6,7 +6,8 @@ mixed images, the losses of the config's method, the SGD step and the EMA update
 those of a :class:`sclseg.engine.trainer.Trainer` on synthetic data (model, EMA teacher, SGD +
 poly lr, CutMix generator, AMP dtype and GradScaler; the trainer applies
 ``train.activation_checkpointing`` to the student). Every setting gets a fresh set-up with the same
-seeds, ``--warmup`` steps (so the gradients and the momentum buffers exist, as in a running job), one step whose memory
+seeds, ``--warmup`` steps
+(so the gradients and the momentum buffers exist, as in a running job), one step whose memory
 is measured and ``--steps`` timed steps.
 
 ``peak_bytes`` is everything allocated at the step's peak: the student's weights, gradients and
@@ -92,8 +93,9 @@ def synthetic_batches(trainer: Trainer, offset: int) -> tuple[dict, Optional[dic
     if not trainer.method.needs_unlabeled:
         return batch, None
     samples = [data.unlabeled[(offset + i) % len(data.unlabeled)] for i in range(d.unlabeled_batch_size)]
-    return batch, {"image": torch.stack([s["image"] for s in samples]).to(device),
-                   "ignore": torch.stack([s["ignore"] for s in samples]).to(device)}
+    # "ignore" (the crop's padding map) as the data streams collate it: only where the data set gives one
+    return batch, {key: torch.stack([s[key] for s in samples]).to(device) for key in ("image", "ignore")
+                   if key in samples[0]}
 
 
 def one_step(trainer: Trainer, batch: dict, ubatch: Optional[dict]) -> dict[str, torch.Tensor]:
@@ -191,8 +193,8 @@ def parse_list(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in allowed]
     if bad or not items:
-        raise argparse.ArgumentTypeError(
-            f"{flag}: expected a comma-separated subset of {','.join(allowed)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag}: expected a comma-separated subset of {','.join(allowed)}, "
+                                         f"got {text!r}")
     return items
 
 

@@ -115,7 +115,8 @@ def network_passes(trainer: Trainer, rounds: int) -> dict[str, list[float]]:
     semi = trainer.cfg.method.name != "supervised"
     unlabeled = torch.rand(d.unlabeled_batch_size, *images.shape[1:], device=device) if semi else None
     student_input = torch.cat([images, unlabeled]) if semi else images
-    autocast = torch.autocast(device.type, dtype=trainer.amp_dtype, enabled=trainer.amp_dtype is not None)
+    amp_dtype = trainer.method.amp_dtype
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     times: dict[str, list[float]] = {"student_fwd": [], "student_bwd": [], "teacher_fwd": []}
     trainer.student.train()
     for _ in range(rounds):

@@ -86,11 +86,10 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
                            "--repeats", "2"]
     stages = [
-        Stage("cuda_tests",
-              [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p", "no:cacheprovider"], 80),
-        Stage("train_steps",
-              [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out", j("train_steps.json"), *steps],
-              150, "train_steps.json"),
+        Stage("cuda_tests", [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p",
+                             "no:cacheprovider"], 80),
+        Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out",
+                              j("train_steps.json"), *steps], 150, "train_steps.json"),
         *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
                                     "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 45,
                 f"bench_step_{m}.json") for m in ("scl", "cl")),
@@ -185,7 +184,8 @@ def train_steps(args: argparse.Namespace) -> int:
                         losses.append(float(terms["loss"]))  # float() synchronises
                         times.append(time.perf_counter() - t0)
                     changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.student.parameters()))
-                    scale = float(trainer.scaler.get_scale()) if trainer.scaler is not None else None
+                    scaler = trainer.method.scaler
+                    scale = float(scaler.get_scale()) if scaler is not None else None
                     del trainer, before
                 finite = all(math.isfinite(v) for v in losses)
                 row |= {"losses": losses, "step_s": times, "weights_changed": changed, "losses_finite": finite,

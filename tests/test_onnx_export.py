@@ -67,6 +67,15 @@ def test_the_onnx_file_matches_pytorch_at_two_sizes_and_batches(compact) -> None
     assert (info["format"], info["opset"], info["model"], info["iteration"]) == ("onnx", 18, "compact", 7)
 
 
+def test_the_export_writes_one_self_contained_file_and_its_summary(compact) -> None:
+    folder = compact["onnx"].parent
+    assert sorted(p.name for p in folder.iterdir()) == ["compact.pt", "model.onnx", "model.onnx.json"]
+    import onnx
+
+    proto = onnx.load(str(compact["onnx"]), load_external_data=False)
+    assert all(init.data_location != onnx.TensorProto.EXTERNAL for init in proto.graph.initializer)
+
+
 def test_predict_runs_the_onnx_file_as_it_runs_the_checkpoint(compact, tmp_path) -> None:
     rgb = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "scene.png")

@@ -5,10 +5,11 @@
   file (``sclseg predict`` and ``sclseg evaluate`` take either).
 * :func:`export_onnx` (``sclseg export CKPT OUT.onnx``): the PyTorch model as it is, images
   ``(B, 3, H, W)`` in ``[0, 1]`` (the ImageNet normalisation inside) -> logits ``(B, K, H, W)``, with
-  the batch, height and width dynamic. The resolved config, the class names and colours, and which
-  weights were exported are stored as the file's metadata, so that the file alone can be run
-  (:func:`load_onnx`, onnxruntime on the CPU). Needs the ``onnx`` extra (``onnx``, ``onnxscript``,
-  ``onnxruntime``).
+  the batch, height and width dynamic (but for the DINOv2 models: their position embedding's resize is
+  traced at 224x224, and their files run at that size only; docs/models.md). The resolved config, the
+  class names and colours, and which weights were exported are stored as the file's metadata, so that
+  the file alone can be run (:func:`load_onnx`, onnxruntime on the CPU). Needs the ``onnx`` extra
+  (``onnx``, ``onnxscript``, ``onnxruntime``).
 """
 
 from __future__ import annotations
@@ -117,8 +118,11 @@ def export_onnx(checkpoint: Union[str, Path], out: Union[str, Path], *, use_teac
     example = torch.rand(1, 3, EXAMPLE_SIDE, EXAMPLE_SIDE)
     batch, height, width = (torch.export.Dim(n, min=1 if n == "batch" else 32) for n in ("batch", "height", "width"))
     try:
+        # external_data=False: the weights inside the one file (else the exporter also writes OUT.data,
+        # which the file saved below no longer needs)
         torch.onnx.export(model, (example,), str(out), dynamo=True, opset_version=opset, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes={"images": {0: batch, 2: height, 3: width}})
+                          output_names=["logits"], dynamic_shapes={"images": {0: batch, 2: height, 3: width}},
+                          external_data=False)
     except Exception as exc:  # the exporter raises many types; the reason is in the message
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{checkpoint}: {cfg.model.name} cannot be exported to ONNX: {reason}") from None
