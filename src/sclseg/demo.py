@@ -287,7 +287,7 @@ def run_demo(out: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str]
              methods: Sequence[str] = DEMO_METHODS, jobs: int = 1) -> dict:
     """supervised vs cl vs scl on the embedded digit scenes, scored on the test scenes."""
     return run_comparison(DEMO_CONFIG, out, entries=[Entry.method(m) for m in methods], seeds=seeds,
-                          overrides=overrides)
+                          overrides=overrides, jobs=jobs)
 
 
 def _eval_curve(metrics: Path) -> tuple[dict[int, float], set[str]]:
