@@ -101,6 +101,18 @@ def test_before_the_unlabeled_terms_start_a_method_trains_as_supervised_bit_for_
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+def _record_cutmix(method: Method) -> dict:
+    """Make ``method`` record the mixed images and target of its (last) strong view in the dict returned."""
+    seen, original = {}, method.cutmix
+
+    def spy(*args):
+        seen["mixed"], seen["target"] = original(*args)
+        return seen["mixed"], seen["target"]
+
+    method.cutmix = spy
+    return seen
+
+
 def test_fixmatch_loss_is_the_reference_formula_on_its_own_views() -> None:
     """``(L_x + L_u) / 2`` at full weight, ``L_u`` the masked CE to the teacher's mixed labels over the
     pixels that are not padding, recomputed here from the views the method made."""
@@ -108,14 +120,7 @@ def test_fixmatch_loss_is_the_reference_formula_on_its_own_views() -> None:
     ubatch["ignore"][0, :5] = 255  # some padding
     method = _method(cfg, model)
     model.eval()  # deterministic passes
-    seen = {}
-    original = method.cutmix
-
-    def spy(*args):
-        seen["mixed"], seen["target"] = original(*args)
-        return seen["mixed"], seen["target"]
-
-    method.cutmix = spy
+    seen = _record_cutmix(method)
     loss, terms = method.loss(batch, ubatch, 1.0)
     with torch.no_grad():
         probs = method.mean_teacher.teacher(ubatch["image"]).softmax(1)
@@ -137,14 +142,7 @@ def test_the_scl_twin_adds_lambda_sc_times_scl_over_the_box_and_the_rest() -> No
                                            "method.cutmix_prob=1.0")
     method = _method(cfg, model)
     model.eval()
-    seen = {}
-    original = method.cutmix
-
-    def spy(*args):
-        seen["mixed"], seen["target"] = original(*args)
-        return seen["mixed"], seen["target"]
-
-    method.cutmix = spy
+    seen = _record_cutmix(method)
     loss, terms = method.loss(batch, ubatch, 1.0)
     target = seen["target"]
     with torch.no_grad():

@@ -34,6 +34,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "config_to_dict",
+    "flatten_config",
     "apply_overrides",
     "resolve_config_path",
     "config_help",
@@ -365,6 +366,17 @@ def config_from_dict(data: dict) -> Config:
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def flatten_config(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out |= flatten_config(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _set_path(data: dict, dotted: str, value: Any) -> None:

@@ -11,19 +11,9 @@ from typing import Any, Optional
 
 import yaml
 
-from sclseg.config import Config, config_help, config_to_dict
+from sclseg.config import Config, config_help, config_to_dict, flatten_config
 
 __all__ = ["reference_rows", "show", "markdown"]
-
-
-def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _text(value: Any) -> str:
@@ -33,8 +23,8 @@ def _text(value: Any) -> str:
 
 def reference_rows(cfg: Optional[Config] = None) -> list[tuple[str, str, str, str]]:
     """``(key, value, default, meaning)`` for every key; the value is ``cfg``'s (the default without one)."""
-    defaults = _flat(config_to_dict(Config()))
-    values = _flat(config_to_dict(cfg)) if cfg is not None else defaults
+    defaults = flatten_config(config_to_dict(Config()))
+    values = flatten_config(config_to_dict(cfg)) if cfg is not None else defaults
     return [(key, _text(values[key]), _text(defaults[key]), meaning) for key, meaning in config_help().items()]
 
 

@@ -65,6 +65,15 @@ def _check_prob_pair(student_probs: Tensor, teacher_probs: Tensor) -> None:
         )
 
 
+def _check_logits_target(logits: Tensor, target: Tensor) -> None:
+    """Logits ``(B, C, H, W)`` and integer labels ``(B, H, W)`` on one device."""
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
+    _check_map("target", target, logits)
+    if target.is_floating_point():
+        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+
+
 def _check_map(name: str, tensor: Tensor, probs: Tensor) -> None:
     expected = (probs.shape[0], *probs.shape[2:])
     if tuple(tensor.shape) != expected:
@@ -462,11 +471,7 @@ def relaxed_boundary_loss(logits: Tensor, target: Tensor, *, window: int = 3, ig
         logits: ``(B, C, H, W)``.
         target: ``(B, H, W)`` class indices in ``[0, C)`` or ``ignore_index``.
     """
-    if logits.ndim != 4:
-        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
-    _check_map("target", target, logits)
-    if target.is_floating_point():
-        raise ValueError(f"target must hold integer class indices, got dtype {target.dtype}")
+    _check_logits_target(logits, target)
     if not isinstance(window, int) or window < 1 or window % 2 == 0:
         raise ValueError(f"window must be an odd int >= 1, got {window!r}")
     valid = target != ignore_index
@@ -552,17 +557,15 @@ def ohem_cross_entropy(logits: Tensor, target: Tensor, *, threshold: float = 0.7
         logits: ``(B, C, H, W)``.
         target: ``(B, H, W)`` class indices in ``[0, C)`` or ``ignore_index``.
     """
-    if logits.ndim != 4:
-        raise ValueError(f"logits must be (B, C, H, W), got shape {tuple(logits.shape)}")
-    _check_map("target", target, logits)
+    _check_logits_target(logits, target)
     flat = target.reshape(-1).long()
     valid = flat != ignore_index
-    num_valid = int(valid.sum())
-    if 0 < min_kept <= num_valid:
-        with torch.no_grad():
+    if min_kept > 0:
+        with torch.no_grad():  # which pixels count; decided on the device, without reading it on the host
             probs = logits.detach().float().softmax(dim=1).transpose(0, 1).reshape(logits.shape[1], -1)
             own = probs.gather(0, torch.where(valid, flat, 0)[None])[0].masked_fill(~valid, 1.0)
             kth = own.kthvalue(min(own.numel(), min_kept)).values
-            valid = valid & (own <= torch.clamp(kth, min=float(threshold)))
+            mines = valid.sum() >= min_kept
+            valid = valid & (~mines | (own <= torch.clamp(kth, min=float(threshold))))
     kept = flat.masked_fill(~valid, ignore_index).view_as(target)
     return F.cross_entropy(logits.float(), kept, ignore_index=ignore_index)

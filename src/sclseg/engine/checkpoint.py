@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from sclseg.config import Config, config_to_dict
+from sclseg.config import Config, config_to_dict, flatten_config
 from sclseg.data import DataBundle
 from sclseg.engine import distributed as dist
 from sclseg.engine.errors import CheckpointWriteFailed, NonFiniteLoss, TrainingStopped
@@ -219,16 +219,6 @@ class TrainState:
         return (self.iteration if step is None else step) * grad_accum + self.stream_offsets[role]
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 class Checkpointer:
     """Writes and restores the state of one run (collective under DDP: every rank calls it).
 
@@ -383,8 +373,8 @@ class Checkpointer:
         return {k: v * saved_world // self.world for k, v in positions.items()}
 
     def _log_changes(self, ckpt: dict) -> None:
-        now = _flatten(config_to_dict(self.cfg))
-        changed = {k: (v, now.get(k)) for k, v in _flatten(ckpt.get("config", {})).items() if now.get(k) != v}
+        now = flatten_config(config_to_dict(self.cfg))
+        changed = {k: (v, now.get(k)) for k, v in flatten_config(ckpt.get("config", {})).items() if now.get(k) != v}
         if changed:
             listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
             self.log(f"resuming with changed settings: {listed}")

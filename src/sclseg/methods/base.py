@@ -84,6 +84,11 @@ class Method:
         """
         raise NotImplementedError
 
+    def labeled_only(self, labeled: dict) -> tuple[Tensor, Terms]:
+        """The labeled loss alone: a step without unlabeled images (supervised, or before they start)."""
+        loss_x = self.labeled_loss(self.student(labeled["image"]), labeled["mask"])
+        return loss_x, {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
+
     def unlabeled_weight(self, iteration: int) -> float:
         """Weight of the unlabeled terms at ``iteration``: 0 before ``method.unlabeled_start``, then a
         sigmoid ramp-up ``exp(-5 (1 - t)^2)`` over ``method.rampup_iters`` (Laine & Aila), then 1."""

@@ -25,8 +25,7 @@ class FixMatch(WeakToStrong):
     def loss(self, labeled: dict, unlabeled: Optional[dict], weight: float) -> tuple[Tensor, Terms]:
         images, labels = labeled["image"], labeled["mask"]
         if unlabeled is None or weight <= 0.0:
-            loss_x = self.labeled_loss(self.student(images), labels)
-            return loss_x, {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
+            return self.labeled_only(labeled)
         weak, ignore = unlabeled["image"], unlabeled["ignore"]
         with torch.no_grad():
             probs = self.mean_teacher.teacher(weak).float().softmax(dim=1)
@@ -36,13 +35,7 @@ class FixMatch(WeakToStrong):
         loss_x = self.labeled_loss(logits_x, labels)
         loss_u = self.unlabeled_loss(logits_s, target)
         loss = (loss_x + weight * loss_u) / (1.0 + weight)
-        terms = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
-        if self.adds_scl:
-            loss_sc = self.scl_loss(logits_s, target)
-            loss = loss + weight * self.config.lambda_sc * loss_sc
-            terms["loss_sc"] = loss_sc.detach()
-        terms["loss"] = loss.detach()
-        return loss, terms
+        return self.finish(loss, {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}, weight, [logits_s], [target])
 
 
 class FixMatchSCL(FixMatch):

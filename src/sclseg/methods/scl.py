@@ -40,8 +40,7 @@ class MeanTeacherCutMix(Method):
     def loss(self, labeled: dict, unlabeled: Optional[dict], weight: float) -> tuple[Tensor, Terms]:
         images, labels = labeled["image"], labeled["mask"]
         if unlabeled is None or weight <= 0.0:
-            loss_x = self.labeled_loss(self.student(images), labels)
-            return loss_x, {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
+            return self.labeled_only(labeled)
         u = unlabeled["image"]
         batch_u, _, height, width = u.shape
         owner = self.boxes(batch_u, height, width, self.generator, device=u.device)

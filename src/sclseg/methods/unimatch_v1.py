@@ -45,8 +45,7 @@ class UniMatchV1(WeakToStrong):
     def loss(self, labeled: dict, unlabeled: Optional[dict], weight: float) -> tuple[Tensor, Terms]:
         images, labels = labeled["image"], labeled["mask"]
         if unlabeled is None or weight <= 0.0:
-            loss_x = self.labeled_loss(self.student(images), labels)
-            return loss_x, {"loss": loss_x.detach(), "loss_x": loss_x.detach()}
+            return self.labeled_only(labeled)
         (weak, source), (ignore, source_ignore) = unlabeled["image"].chunk(2), unlabeled["ignore"].chunk(2)
         with torch.no_grad():
             source_probs = EvalModeView(unwrap(self.student))(source).float().softmax(dim=1)
@@ -65,12 +64,7 @@ class UniMatchV1(WeakToStrong):
         loss_u = 0.25 * loss_s[0] + 0.25 * loss_s[1] + 0.5 * loss_fp
         loss = (loss_x + weight * loss_u) / (1.0 + weight)
         terms = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(), "loss_fp": loss_fp.detach()}
-        if self.adds_scl:
-            loss_sc = sum(self.scl_loss(v, t) for v, t in zip(logits_s, targets)) / 2.0
-            loss = loss + weight * self.config.lambda_sc * loss_sc
-            terms["loss_sc"] = loss_sc.detach()
-        terms["loss"] = loss.detach()
-        return loss, terms
+        return self.finish(loss, terms, weight, logits_s, targets)
 
 
 class UniMatchV1SCL(UniMatchV1):

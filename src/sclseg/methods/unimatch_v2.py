@@ -43,15 +43,10 @@ class UniMatchV2(WeakToStrong):
             targets.append(target)
         dropout = partial(complementary_dropout, generator=self.generator)
         logits = self.student(torch.cat(views), perturb=dropout).chunk(2)
-        loss_u = [self.unlabeled_loss(view_logits, target) for view_logits, target in zip(logits, targets)]
-        loss = (loss_x + weight * (loss_u[0] + loss_u[1]) / 2.0) / (1.0 + weight)
-        terms = {"loss_x": loss_x.detach(), "loss_u": ((loss_u[0] + loss_u[1]) / 2.0).detach()}
-        if self.adds_scl:
-            loss_sc = sum(self.scl_loss(v, t) for v, t in zip(logits, targets)) / 2.0
-            loss = loss + weight * self.config.lambda_sc * loss_sc
-            terms["loss_sc"] = loss_sc.detach()
-        terms["loss"] = loss.detach()
-        return loss, terms
+        loss_u = sum(self.unlabeled_loss(v, t) for v, t in zip(logits, targets)) / 2.0
+        loss = (loss_x + weight * loss_u) / (1.0 + weight)
+        terms = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach()}
+        return self.finish(loss, terms, weight, logits, targets)
 
 
 class UniMatchV2SCL(UniMatchV2):

@@ -17,6 +17,7 @@ the rest of the image; padding belongs to neither).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple, Optional
 
 import torch
@@ -25,7 +26,7 @@ from torch import Tensor
 from sclseg.cutmix import OneBoxGenerator, mix
 from sclseg.data.transforms import PhotometricAugment, blur_kernel_size
 from sclseg.losses import masked_pseudo_label_loss, structured_consistency_loss
-from sclseg.methods.base import Method
+from sclseg.methods.base import Method, Terms
 
 __all__ = ["MixedTarget", "WeakToStrong", "complementary_dropout", "channel_dropout"]
 
@@ -69,6 +70,17 @@ class WeakToStrong(Method):
         """:func:`~sclseg.losses.pseudo_label_loss` of the student's logits on a strong view."""
         conf, label = target.probs.max(dim=1)
         return masked_pseudo_label_loss(logits, label, conf >= self.config.threshold, target.ignore != 255)
+
+    def finish(self, loss: Tensor, terms: Terms, weight: float, logits: Sequence[Tensor],
+               targets: Sequence[MixedTarget]) -> tuple[Tensor, Terms]:
+        """The method's loss plus, for an ``_scl`` twin, ``w lambda_sc`` times the mean ``L_sc`` of its
+        strong views (``logits`` and ``targets``, one per view); the detached terms with ``"loss"``."""
+        if self.adds_scl:
+            loss_sc = sum(self.scl_loss(v, t) for v, t in zip(logits, targets)) / len(logits)
+            loss = loss + weight * self.config.lambda_sc * loss_sc
+            terms["loss_sc"] = loss_sc.detach()
+        terms["loss"] = loss.detach()
+        return loss, terms
 
     def scl_loss(self, logits: Tensor, target: MixedTarget) -> Tensor:
         """``L_sc`` between the student's probabilities on a strong view and the mixed target, over
