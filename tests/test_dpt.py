@@ -162,6 +162,16 @@ def test_position_embedding_resize_is_dinov2s_formula(grid) -> None:
     torch.testing.assert_close(ours.double(), dinov2_pos_embed_reference(pos_embed, *grid), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5), (57, 57), (37, 20), (37, 37)])
+def test_position_embedding_resize_traced_for_onnx_is_dinov2s_formula(grid, monkeypatch) -> None:
+    """The form ``torch.export`` traces (matrix products, the grid symbolic) gives the same embeddings."""
+    monkeypatch.setattr("sclseg.models.dinov2._exporting", lambda: True)
+    torch.manual_seed(3)
+    pos_embed = torch.randn(1, 1 + 37 * 37, 8)
+    reference = pos_embed.double() if grid == (37, 37) else dinov2_pos_embed_reference(pos_embed, *grid)
+    torch.testing.assert_close(interpolate_pos_embed(pos_embed, *grid).double(), reference, rtol=0, atol=2e-5)
+
+
 def test_position_embedding_offset_matters_and_the_pretraining_grid_is_kept() -> None:
     torch.manual_seed(4)
     pos_embed = torch.randn(1, 1 + 37 * 37, 8)

@@ -89,11 +89,17 @@ def test_predict_runs_the_onnx_file_as_it_runs_the_checkpoint(compact, tmp_path)
 
 
 @pytest.mark.slow
-def test_dpt_on_dinov3_exports_with_dynamic_sizes(tmp_path) -> None:
-    path, model = weights_file(tmp_path, "dpt_dinov3_small")
+@pytest.mark.parametrize("model_name, shapes", [
+    ("dpt_dinov3_small", [(1, 3, 64, 96), (2, 3, 48, 32)]),
+    # DINOv2's position embedding is resized to the input's grid (traced at 16x16 patches): other grids,
+    # and the 37x37 grid of 518x518 that Meta keeps as it is
+    ("dpt_dinov2_small", [(1, 3, 56, 84), (2, 3, 42, 28), (1, 3, 518, 518)]),
+])
+def test_dpt_exports_with_dynamic_sizes(tmp_path, model_name, shapes) -> None:
+    path, model = weights_file(tmp_path, model_name)
     out = tmp_path / "dpt.onnx"
     assert main(["export", str(path), str(out)]) == 0
-    assert_same_logits(out, model, [(1, 3, 64, 96), (2, 3, 48, 32)])
+    assert_same_logits(out, model, shapes)
 
 
 def test_an_onnx_file_not_written_by_sclseg_exits_2_naming_it(tmp_path, capsys) -> None:

@@ -5,8 +5,8 @@
   file (``sclseg predict`` and ``sclseg evaluate`` take either).
 * :func:`export_onnx` (``sclseg export CKPT OUT.onnx``): the PyTorch model as it is, images
   ``(B, 3, H, W)`` in ``[0, 1]`` (the ImageNet normalisation inside) -> logits ``(B, K, H, W)``, with
-  the batch, height and width dynamic (but for the DINOv2 models: their position embedding's resize is
-  traced at 224x224, and their files run at that size only; docs/models.md). The resolved config, the
+  the batch, height and width dynamic (DPT models: sides that are multiples of the patch;
+  docs/models.md). The resolved config, the
   class names and colours, and which weights were exported are stored as the file's metadata, so that
   the file alone can be run (:func:`load_onnx`, onnxruntime on the CPU). Needs the ``onnx`` extra
   (``onnx``, ``onnxscript``, ``onnxruntime``).

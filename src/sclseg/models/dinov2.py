@@ -26,6 +26,9 @@ PRETRAIN_GRID = 37
 #: Meta's work-around offset added to the target grid before computing the scale factor.
 INTERPOLATE_OFFSET = 0.1
 
+#: True while ``torch.export`` traces (torch >= 2.6 tells; older versions trace the eager branch)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
 #: size -> (timm architecture, embedding width, depth, blocks whose outputs the DPT head reads)
 DINOV2_SIZES: dict[str, tuple[str, int, int, tuple[int, ...]]] = {
     "small": ("vit_small_patch14_dinov2", 384, 12, (2, 5, 8, 11)),
@@ -43,11 +46,17 @@ def interpolate_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, offset: f
     ``((grid_h + offset) / M, (grid_w + offset) / M)`` passed as such, so source coordinates are
     ``(dst + 0.5) * M / (grid + offset) - 0.5``, not ``... * M / grid``. The square ``M x M`` grid
     is returned unchanged.
+
+    While ``torch.export`` traces the model (ONNX export) the same resize is written as two
+    products with per-axis bicubic matrices (:func:`_traceable_pos_embed`), so that the grid stays
+    a dynamic size of the exported graph; its values agree with this one to float32 rounding.
     """
     tokens = pos_embed.shape[1] - 1
     side = int(math.sqrt(tokens))
     if side * side != tokens:
         raise ValueError(f"pos_embed holds {tokens} patch embeddings, not a square grid")
+    if _exporting():
+        return _traceable_pos_embed(pos_embed, side, grid_h, grid_w, offset)
     if grid_h == side and grid_w == side:
         return pos_embed
     dim = pos_embed.shape[-1]
@@ -60,6 +69,45 @@ def interpolate_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, offset: f
     patches = resized.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
     return torch.cat([table[:, :1], patches], dim=1).to(pos_embed.dtype)
 
+
+
+def _cubic_taps(t: Tensor) -> Tensor:
+    """Weights ``(n, 4)`` of the taps ``floor - 1 .. floor + 2`` for fractional offsets ``t`` ``(n,)``:
+    PyTorch's bicubic convolution (Keys, a = -0.75)."""
+    a = -0.75
+
+    def near(x: Tensor) -> Tensor:  # 0 <= x <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x: Tensor) -> Tensor:  # 1 <= x <= 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
+
+
+def _bicubic_rows(length, side: int, inverse_scale: Tensor) -> Tensor:
+    """The ``(length, side)`` matrix of a bicubic resize along one axis (``align_corners=False``,
+    borders clamped): output ``i`` reads source ``(i + 0.5) * inverse_scale - 0.5``."""
+    source = (torch.arange(length, dtype=torch.float32) + 0.5) * inverse_scale - 0.5
+    base = torch.floor(source)
+    taps = (base.long()[:, None] + torch.arange(-1, 3)).clamp(0, side - 1)
+    return torch.zeros(length, side).scatter_add(1, taps, _cubic_taps(source - base))
+
+
+def _traceable_pos_embed(pos_embed: Tensor, side: int, grid_h, grid_w, offset: float) -> Tensor:
+    """:func:`interpolate_pos_embed` for ``torch.export``: the grid sizes may be symbolic, and the
+    kept-as-is case at ``side x side`` is a tensor ``where`` (scale 1 makes both matrices the
+    identity) instead of a Python branch the trace would fix."""
+    dim = pos_embed.shape[-1]
+    table = pos_embed.float()
+    height = torch.scalar_tensor(grid_h, dtype=torch.float32)
+    width = torch.scalar_tensor(grid_w, dtype=torch.float32)
+    kept = (height == side) & (width == side)
+    one = torch.ones(())
+    rows = _bicubic_rows(grid_h, side, torch.where(kept, one, side / (height + offset)))
+    cols = _bicubic_rows(grid_w, side, torch.where(kept, one, side / (width + offset)))
+    patches = torch.einsum("ys,std,xt->yxd", rows, table[0, 1:].reshape(side, side, dim), cols)
+    return torch.cat([table[:, :1], patches.reshape(1, grid_h * grid_w, dim)], dim=1).to(pos_embed.dtype)
 
 class DINOv2Encoder(nn.Module):
     """DINOv2 ViT-S/B/L with patch 14: images ``(B, 3, 14h, 14w)`` -> patch tokens of chosen blocks.
