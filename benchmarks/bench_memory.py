@@ -93,9 +93,12 @@ def synthetic_batches(trainer: Trainer, offset: int) -> tuple[dict, Optional[dic
     if not trainer.method.needs_unlabeled:
         return batch, None
     samples = [data.unlabeled[(offset + i) % len(data.unlabeled)] for i in range(d.unlabeled_batch_size)]
-    # "ignore" (the crop's padding map) as the data streams collate it: only where the data set gives one
-    return batch, {key: torch.stack([s[key] for s in samples]).to(device) for key in ("image", "ignore")
-                   if key in samples[0]}
+    images = torch.stack([x["image"] for x in samples]).to(device)
+    # "ignore": the crops' padding maps (255 = padding) as the training crops give them; the synthetic
+    # images are crop-sized, with no padding
+    ignore = (torch.stack([x["ignore"] for x in samples]).to(device) if "ignore" in samples[0]
+              else torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.uint8, device=device))
+    return batch, {"image": images, "ignore": ignore}
 
 
 def one_step(trainer: Trainer, batch: dict, ubatch: Optional[dict]) -> dict[str, torch.Tensor]:

@@ -8,17 +8,22 @@ Stages (each a subprocess with its own time limit; a failed stage is recorded an
    GradScaler, on synthetic Cityscapes-size crops (800x800, 1 labeled + 2 unlabeled): losses
    finite, weights changed, step time and peak memory (``python gpu_check.py steps``). The
    BatchNorm statistics are first set from one batch (:func:`calibrate_batchnorm`).
-3. ``bench_step_scl`` / ``bench_step_cl``: ``bench_step.py`` at paper scale (WRN38, 800x800,
+3. ``method_steps``: a few steps of each weak-to-strong method and its ``_scl`` twin on the recipe it is
+   released with (``fixmatch`` and ``unimatch_v1`` on ``cityscapes/fixmatch_resnet101_deepstem_1-8``,
+   801x801, UniMatch V1 with its second unlabeled batch; ``unimatch_v2`` on
+   ``cityscapes/unimatch_v2_dinov2_base_1-8``, DINOv2-B at 798x798, 2 + 2), synthetic crops: step time
+   and peak memory (``python gpu_check.py methods``).
+4. ``bench_step_scl`` / ``bench_step_cl``: ``bench_step.py`` at paper scale (WRN38, 800x800,
    synthetic), ``overhead_ratio`` for each method; ``bench_step_scl_1gpu``: the one-GPU recipe
    (``cityscapes/scl_wrn38_1gpu``: 8 accumulated micro-batches, checkpointing, bf16), whose loop
    step is the time of one of its iterations.
-4. ``bench_data``: the one-GPU recipe's data streams on synthetic Cityscapes-size PNGs with 0, 4
+5. ``bench_data``: the one-GPU recipe's data streams on synthetic Cityscapes-size PNGs with 0, 4
    and 8 workers, the colour jitter and blur timed on the GPU, against the images per second that
    ``bench_step_scl_1gpu``'s iteration consumes: do the loaders keep the GPU fed on this machine.
    It needs the ``cityscapes`` extra (the official label table).
-5. ``bench_losses``: the losses at 512x1024.
-6. ``bench_memory``: WRN38 at 800x800 for each checkpointing and AMP setting.
-7. ``inference``: whole, tiled and multi-scale+flip tiled inference of WRN38 on 1024x2048 images.
+6. ``bench_losses``: the losses at 512x1024.
+7. ``bench_memory``: WRN38 at 800x800 for each checkpointing and AMP setting.
+8. ``inference``: whole, tiled and multi-scale+flip tiled inference of WRN38 on 1024x2048 images.
 
 ``--cpu-smoke`` runs the same stages on the CPU at toy sizes (the ``compact`` model, 32-64 pixel
 crops, one or two repeats) in well under a minute: it checks that the script, the benchmarks it
@@ -74,6 +79,7 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         one_gpu, one_gpu_overrides = "digits/default", ["train.grad_accum=2"]
         data = ["--images", "4", "--size", "256x128", "--workers", "0,1", "--batches", "1", "data.crop_size=[64,64]"]
         steps = ["--models", "compact", "--crop", "32", "32", "--steps", "2"]
+        methods = ["--config", "digits/default", "--crop", "32", "32", "--steps", "2"]
         iters = ["--iters", "2", "--warmup", "1"]
         inference_model = ["--model", "compact", "--scales", "0.5,1", "--ms-tile", "32x64", "--repeats", "1"]
     else:
@@ -82,14 +88,17 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
         one_gpu, one_gpu_overrides = "cityscapes/scl_wrn38_1gpu", []
         data = ["--images", "16", "--workers", "0,4,8", "--batches", "8"]
         steps = ["--crop", "800", "800", "--steps", "3"]
+        methods = ["--steps", "3"]
         iters = ["--iters", "10", "--warmup", "3"]
         inference_model = ["--model", "deeplabv3plus_wrn38", "--scales", "0.5,1,2", "--ms-tile", "800x800",
                            "--repeats", "2"]
     stages = [
         Stage("cuda_tests", [py, "-m", "pytest", str(ROOT / "tests"), "-k", "cuda", "-q", "-rs", "-p",
-                             "no:cacheprovider"], 80),
+                             "no:cacheprovider"], 70),
         Stage("train_steps", [py, str(HERE / "gpu_check.py"), "steps", "--device", device, "--out",
-                              j("train_steps.json"), *steps], 150, "train_steps.json"),
+                              j("train_steps.json"), *steps], 115, "train_steps.json"),
+        Stage("method_steps", [py, str(HERE / "gpu_check.py"), "methods", "--device", device, "--out",
+                               j("method_steps.json"), *methods], 75, "method_steps.json"),
         *(Stage(f"bench_step_{m}", [py, f"{bench}/bench_step.py", "--config", paper, "--method", m, "--synthetic",
                                     "--device", device, *iters, "--out", j(f"bench_step_{m}.json")], 45,
                 f"bench_step_{m}.json") for m in ("scl", "cl")),
@@ -98,16 +107,16 @@ def plan(out: Path, smoke: bool) -> list[Stage]:
                                       "--out", j("bench_step_scl_1gpu.json"), *one_gpu_overrides], 60,
               "bench_step_scl_1gpu.json"),
         Stage("bench_data", [py, f"{bench}/bench_data.py", "--config", "cityscapes/scl_wrn38_1gpu", "--device", device,
-                             "--step-json", j("bench_step_scl_1gpu.json"), "--out", j("bench_data.json"), *data], 55,
+                             "--step-json", j("bench_step_scl_1gpu.json"), "--out", j("bench_data.json"), *data], 50,
               "bench_data.json"),
         Stage("bench_losses", [py, f"{bench}/bench_losses.py", "--device", device, "--sizes", losses, "--repeats",
                                "2" if smoke else "5", "--out", j("bench_losses.json")], 25, "bench_losses.json"),
         Stage("bench_memory", [py, f"{bench}/bench_memory.py", "--config", paper, "--device", device, "--crop", *crop,
                                "--amp", "off,bf16" if smoke else ",".join(PRECISIONS), "--steps", "1" if smoke else "3",
                                "--out", j("bench_memory.json")],
-              90, "bench_memory.json"),
+              70, "bench_memory.json"),
         Stage("inference", [py, f"{bench}/bench_inference.py", "--device", device, *inference_model, *infer,
-                            "--out", j("inference.json")], 40, "inference.json"),
+                            "--out", j("inference.json")], 35, "inference.json"),
     ]
     if smoke:  # one thread per process (a loaded CI machine) and limits that only catch hangs
         for stage in stages:
@@ -143,68 +152,114 @@ def run_stage(stage: Stage, out: Path) -> dict:
 # --------------------------------------------------------------------------- training steps
 
 
-def train_steps(args: argparse.Namespace) -> int:
-    """``steps`` subcommand: a few training steps of each model in each precision; JSON to ``--out``."""
+def measured_steps(cfg: Any, steps: int) -> dict:
+    """``steps`` steps of ``cfg``'s method on synthetic crops of its sizes (BatchNorm calibrated first):
+    the losses, the step times, whether the weights changed, the peak GPU memory and the fp16 scale."""
     import tempfile
 
     import torch
 
-    from sclseg.config import load_config, resolve_config_path
     from sclseg.engine.trainer import Trainer
-    from sclseg.models import MODEL_NAMES
 
-    from bench_losses import write_json
     from bench_memory import one_step, synthetic_batches
     from bench_step import synthetic_data
 
-    device = torch.device(args.device)
-    models = args.models.split(",") if args.models else [m for m in MODEL_NAMES if m != "compact"]
-    results, failures = [], 0
-    for name in models:
-        for amp in args.amp.split(","):
-            row: dict[str, Any] = {"model": name, "amp": amp, "crop": args.crop}
-            try:
-                cfg = load_config(resolve_config_path(args.config), [
-                    f"model.name={name}", f"train.amp='{amp}'", f"data.crop_size=[{args.crop[0]}, {args.crop[1]}]",
-                    "data.batch_size=1", "data.unlabeled_batch_size=2", "train.grad_accum=1",
-                    f"train.device={device.type}", "method.unlabeled_start=0", "method.rampup_iters=0"])
-                with tempfile.TemporaryDirectory() as run_dir:
-                    trainer = Trainer(cfg, run_dir, data=synthetic_data(cfg, 19), show_progress=False)
-                    calibrate_batchnorm(trainer, *synthetic_batches(trainer, args.steps))
-                    before = [p.detach().clone() for p in trainer.student.parameters()]
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats(device)
-                    times, losses = [], []
-                    for step in range(args.steps):
-                        batch, ubatch = synthetic_batches(trainer, step)
-                        if device.type == "cuda":
-                            torch.cuda.synchronize(device)
-                        t0 = time.perf_counter()
-                        terms = one_step(trainer, batch, ubatch)
-                        losses.append(float(terms["loss"]))  # float() synchronises
-                        times.append(time.perf_counter() - t0)
-                    changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.student.parameters()))
-                    scaler = trainer.method.scaler
-                    scale = float(scaler.get_scale()) if scaler is not None else None
-                    del trainer, before
-                finite = all(math.isfinite(v) for v in losses)
-                row |= {"losses": losses, "step_s": times, "weights_changed": changed, "losses_finite": finite,
-                        "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                        "scaler_scale": scale}
-                # fp16: the GradScaler may skip the first steps (inf gradients) while it lowers its scale
-                row["status"] = "ok" if finite and (changed or amp == "fp16") else "failed"
-            except Exception as exc:  # an OOM or a kernel error of one model must not hide the others
-                row |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
-            failures += row["status"] == "failed"
-            print(f"{name:<36} {amp:>4}: {row['status']}"
-                  + (f", step {1e3 * min(row['step_s']):.0f} ms, losses {row['losses']}" if "step_s" in row else "")
-                  + (f" ({row['error']})" if "error" in row else ""), flush=True)
-            results.append(row)
-            # after every row, so that a stage stopped at its time limit keeps the rows it ran
-            write_json(args.out, {"device": args.device, "config": args.config, "runs": results})
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(cfg, run_dir, data=synthetic_data(cfg, 19), show_progress=False)
+        device = trainer.device
+        calibrate_batchnorm(trainer, *synthetic_batches(trainer, steps))
+        before = [p.detach().clone() for p in trainer.student.parameters()]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, losses = [], []
+        for step in range(steps):
+            batch, ubatch = synthetic_batches(trainer, step)
             if device.type == "cuda":
-                torch.cuda.empty_cache()
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            terms = one_step(trainer, batch, ubatch)
+            losses.append(float(terms["loss"]))  # float() synchronises
+            times.append(time.perf_counter() - t0)
+        changed = any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.student.parameters()))
+        scaler = trainer.method.scaler
+        result = {"losses": losses, "step_s": times, "weights_changed": changed,
+                  "losses_finite": all(math.isfinite(v) for v in losses),
+                  "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                  "scaler_scale": float(scaler.get_scale()) if scaler is not None else None}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _rows(args: argparse.Namespace, settings: list[tuple[dict, str, list[str]]]) -> int:
+    """Measure each ``(row, config, overrides)``, print it and rewrite ``args.out`` after every row (a stage
+    stopped at its time limit keeps the rows it ran); 1 when a row failed."""
+    from sclseg.config import load_config, resolve_config_path
+
+    from bench_losses import write_json
+
+    results, failures = [], 0
+    for row, config, overrides in settings:
+        label = " ".join(map(str, row.values()))
+        try:
+            cfg = load_config(resolve_config_path(config), overrides + [
+                f"train.device={args.device}", "train.grad_accum=1", "method.unlabeled_start=0",
+                "method.rampup_iters=0"])
+            row |= {"config": config, "model": cfg.model.name, "method": cfg.method.name, "amp": cfg.train.amp,
+                    "crop": list(cfg.data.crop_size), "batch": [cfg.data.batch_size, cfg.data.unlabeled_batch_size]}
+            row |= measured_steps(cfg, args.steps)
+            # fp16: the GradScaler may skip the first steps (inf gradients) while it lowers its scale
+            row["status"] = "ok" if row["losses_finite"] and (row["weights_changed"] or row["amp"] == "fp16") \
+                else "failed"
+        except Exception as exc:  # an OOM or a kernel error of one setting must not hide the others
+            row |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:500]}
+        failures += row["status"] == "failed"
+        peak = f", peak {_gb(row['peak_bytes'])} GB" if row.get("peak_bytes") else ""
+        print(f"{label:<40}: {row['status']}"
+              + (f", step {1e3 * min(row['step_s']):.0f} ms{peak}, losses {row['losses']}" if "step_s" in row else "")
+              + (f" ({row['error']})" if "error" in row else ""), flush=True)
+        results.append(row)
+        write_json(args.out, {"device": args.device, "runs": results})
     return 1 if failures else 0
+
+
+def train_steps(args: argparse.Namespace) -> int:
+    """``steps`` subcommand: a few training steps of each model in each precision; JSON to ``--out``."""
+    from sclseg.models import MODEL_NAMES
+
+    models = args.models.split(",") if args.models else [m for m in MODEL_NAMES if m != "compact"]
+    crop = f"data.crop_size=[{args.crop[0]}, {args.crop[1]}]"
+    return _rows(args, [({"model": name, "amp": amp}, args.config,
+                         [f"model.name={name}", f"train.amp='{amp}'", crop, "data.batch_size=1",
+                          "data.unlabeled_batch_size=2"])
+                        for name in models for amp in args.amp.split(",")])
+
+
+#: The recipe each weak-to-strong method is measured on: its network, crop and batch as released.
+METHOD_RECIPES = {
+    "fixmatch": "cityscapes/fixmatch_resnet101_deepstem_1-8",
+    "unimatch_v1": "cityscapes/fixmatch_resnet101_deepstem_1-8",
+    "unimatch_v2": "cityscapes/unimatch_v2_dinov2_base_1-8",
+}
+
+
+def method_steps(args: argparse.Namespace) -> int:
+    """``methods`` subcommand: a few steps of each weak-to-strong method and its ``_scl`` twin on its recipe
+    (``--config`` replaces the recipe, ``--crop`` its crop); JSON to ``--out``."""
+    from sclseg.config import load_config, resolve_config_path
+
+    settings = []
+    for base, recipe in METHOD_RECIPES.items():
+        config = args.config or recipe
+        for name in (base, f"{base}_scl"):
+            overrides = [f"method.name={name}"]
+            if args.crop:
+                overrides.append(f"data.crop_size=[{args.crop[0]}, {args.crop[1]}]")
+            if base == "unimatch_v1":  # UniMatch V1 fills its boxes from a second unlabeled batch of the same size
+                unlabeled = load_config(resolve_config_path(config)).data.unlabeled_batch_size
+                overrides.append(f"data.unlabeled_batch_size={2 * unlabeled}")
+            settings.append(({"method": name}, config, overrides))
+    return _rows(args, settings)
 
 
 def calibrate_batchnorm(trainer: Any, batch: dict, ubatch: Optional[dict]) -> None:
@@ -249,9 +304,9 @@ def _figures(record: dict) -> str:
         return (f"{c['num_workers_per_stream']} workers per stream: " + ", ".join(
             f"{k} {v['delivered_images_per_s']:.1f} img/s ({v['delivered_how']}) for "
             f"{v['consumed_images_per_s']:.1f} consumed" for k, v in c["streams"].items()))
-    if name == "train_steps":
+    if name in ("train_steps", "method_steps"):
         ok = sum(row["status"] == "ok" for row in r["runs"])
-        return f"{ok}/{len(r['runs'])} model x precision runs ok"
+        return f"{ok}/{len(r['runs'])} {'model x precision' if name == 'train_steps' else 'method'} runs ok"
     if name == "bench_memory":
         return ", ".join(f"{x['activation_checkpointing']}/{x['amp']} {_gb(x['peak_bytes'])} GB {x['step_s']:.2f} s"
                          for x in r["runs"])
@@ -265,15 +320,20 @@ def markdown(summary: dict) -> str:
              "| stage | status | seconds | figures |", "|---|---|---:|---|"]
     for s in summary["stages"]:
         lines.append(f"| {s['name']} | {s['status']} | {s['seconds']:.0f} | {_figures(s)} |")
-    steps = next((s.get("result") for s in summary["stages"] if s["name"] == "train_steps"), None)
-    if steps:
-        lines += ["", "## Training steps (synthetic data)", "",
-                  "| model | amp | status | best step (ms) | peak (GB) | losses |", "|---|---|---|---:|---:|---|"]
+    for stage, title in (("train_steps", "Training steps"), ("method_steps", "Steps of the weak-to-strong methods")):
+        steps = next((s.get("result") for s in summary["stages"] if s["name"] == stage), None)
+        if not steps:
+            continue
+        lines += ["", f"## {title} (synthetic data)", "", "| method | model | crop | batch | amp | status | "
+                  "best step (ms) | peak (GB) | losses |", "|---|---|---|---|---|---|---:|---:|---|"]
         for row in steps["runs"]:
             best = f"{1e3 * min(row['step_s']):.0f}" if row.get("step_s") else ""
             losses = ", ".join(f"{v:.3f}" for v in row.get("losses", [])) or row.get("error", "")
-            lines.append(f"| {row['model']} | {row['amp']} | {row['status']} | {best} | {_gb(row.get('peak_bytes'))} "
-                         f"| {losses} |")
+            crop = "x".join(map(str, row.get("crop", [])))
+            batch = " + ".join(map(str, row.get("batch", [])))
+            cells = [row.get("method", ""), row.get("model", ""), crop, batch, row.get("amp", ""), row["status"], best,
+                     _gb(row.get("peak_bytes")), losses]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     memory = next((s.get("result") for s in summary["stages"] if s["name"] == "bench_memory"), None)
     if memory:
         lines += ["", "## Memory of one scl step (bench_memory)", "",
@@ -338,6 +398,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", required=True)
     p.set_defaults(func=train_steps)
+    p = sub.add_parser("methods", help="a few steps of each weak-to-strong method on its recipe (stage method_steps)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--config", default=None, help="one config for every method (default: each method's recipe)")
+    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"), help="default: the recipe's")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=method_steps)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -17,8 +17,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_memory import fit_lines, resident_bytes  # noqa: E402
 
-STAGES = ["cuda_tests", "train_steps", "bench_step_scl", "bench_step_cl", "bench_step_scl_1gpu", "bench_data",
-          "bench_losses", "bench_memory", "inference"]
+STAGES = ["cuda_tests", "train_steps", "method_steps", "bench_step_scl", "bench_step_cl", "bench_step_scl_1gpu",
+          "bench_data", "bench_losses", "bench_memory", "inference"]
 
 
 def test_fit_recovers_a_known_line_and_predicts_800x800():
@@ -76,6 +76,12 @@ def test_cpu_smoke_runs_every_stage_and_writes_the_summary(tmp_path):
     steps = stages["train_steps"]["result"]["runs"]
     assert [(r["model"], r["amp"]) for r in steps] == [("compact", "off"), ("compact", "bf16"), ("compact", "fp16")]
     assert all(r["losses_finite"] and len(r["losses"]) == 2 for r in steps)
+    methods = stages["method_steps"]["result"]["runs"]
+    assert [r["method"] for r in methods] == ["fixmatch", "fixmatch_scl", "unimatch_v1", "unimatch_v1_scl",
+                                              "unimatch_v2", "unimatch_v2_scl"]
+    assert all(r["losses_finite"] and r["weights_changed"] and r["crop"] == [32, 32] for r in methods)
+    # UniMatch V1 fills its boxes from a second unlabeled batch: twice the others' unlabeled crops
+    assert [r["batch"] for r in methods] == [[4, 4]] * 2 + [[4, 8]] * 2 + [[4, 4]] * 2
     memory = stages["bench_memory"]["result"]["runs"]
     assert {(r["activation_checkpointing"], r["amp"]) for r in memory} == {
         (c, a) for c in ("off", "encoder", "all") for a in ("off", "bf16")}
