@@ -70,7 +70,6 @@ def interpolate_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, offset: f
     return torch.cat([table[:, :1], patches], dim=1).to(pos_embed.dtype)
 
 
-
 def _cubic_taps(t: Tensor) -> Tensor:
     """Weights ``(n, 4)`` of the taps ``floor - 1 .. floor + 2`` for fractional offsets ``t`` ``(n,)``:
     PyTorch's bicubic convolution (Keys, a = -0.75)."""
@@ -85,29 +84,31 @@ def _cubic_taps(t: Tensor) -> Tensor:
     return torch.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], dim=-1)
 
 
-def _bicubic_rows(length, side: int, inverse_scale: Tensor) -> Tensor:
+def _bicubic_rows(length: int, side: int, inverse_scale: Tensor) -> Tensor:
     """The ``(length, side)`` matrix of a bicubic resize along one axis (``align_corners=False``,
     borders clamped): output ``i`` reads source ``(i + 0.5) * inverse_scale - 0.5``."""
-    source = (torch.arange(length, dtype=torch.float32) + 0.5) * inverse_scale - 0.5
+    device = inverse_scale.device
+    source = (torch.arange(length, dtype=torch.float32, device=device) + 0.5) * inverse_scale - 0.5
     base = torch.floor(source)
-    taps = (base.long()[:, None] + torch.arange(-1, 3)).clamp(0, side - 1)
-    return torch.zeros(length, side).scatter_add(1, taps, _cubic_taps(source - base))
+    taps = (base.long()[:, None] + torch.arange(-1, 3, device=device)).clamp(0, side - 1)
+    return torch.zeros(length, side, device=device).scatter_add(1, taps, _cubic_taps(source - base))
 
 
-def _traceable_pos_embed(pos_embed: Tensor, side: int, grid_h, grid_w, offset: float) -> Tensor:
+def _traceable_pos_embed(pos_embed: Tensor, side: int, grid_h: int, grid_w: int, offset: float) -> Tensor:
     """:func:`interpolate_pos_embed` for ``torch.export``: the grid sizes may be symbolic, and the
     kept-as-is case at ``side x side`` is a tensor ``where`` (scale 1 makes both matrices the
     identity) instead of a Python branch the trace would fix."""
     dim = pos_embed.shape[-1]
     table = pos_embed.float()
-    height = torch.scalar_tensor(grid_h, dtype=torch.float32)
-    width = torch.scalar_tensor(grid_w, dtype=torch.float32)
+    height = torch.scalar_tensor(grid_h, dtype=torch.float32, device=pos_embed.device)
+    width = torch.scalar_tensor(grid_w, dtype=torch.float32, device=pos_embed.device)
     kept = (height == side) & (width == side)
-    one = torch.ones(())
+    one = torch.ones((), device=pos_embed.device)
     rows = _bicubic_rows(grid_h, side, torch.where(kept, one, side / (height + offset)))
     cols = _bicubic_rows(grid_w, side, torch.where(kept, one, side / (width + offset)))
     patches = torch.einsum("ys,std,xt->yxd", rows, table[0, 1:].reshape(side, side, dim), cols)
     return torch.cat([table[:, :1], patches.reshape(1, grid_h * grid_w, dim)], dim=1).to(pos_embed.dtype)
+
 
 class DINOv2Encoder(nn.Module):
     """DINOv2 ViT-S/B/L with patch 14: images ``(B, 3, 14h, 14w)`` -> patch tokens of chosen blocks.
